@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/*; each module there owns one kind of real part."""
+
+pytest_plugins = [
+    "tests.fixtures.model",
+    "tests.fixtures.s3",
+    "tests.fixtures.prefect",
+]
