@@ -1,0 +1,138 @@
+"""Reading verdicts out of judge and meta-judge texts.
+
+Scores: the last `Score: x` the judge wrote, x a decimal number (`4`, `4.75`, `-1`), kept only
+when low <= x <= high. Accepted around it: any letter case of "score", markdown emphasis and
+spaces between the word, the colon and the number (`**Score:** 4`, `score: 4/5`, `Score:\n4`).
+A later "Score:" without a number ("Score: <total points>") does not hide an earlier numbered one.
+
+Winners: the last line holding `Winner:` (any case, markdown allowed); its text up to the end of
+that line (or the next line when the colon ends its own line) must name exactly one label, `A`
+or `B`, each written `Judgement X` or `Judgment X` (both spellings, any case). "Winner: Judgement C",
+"Winner: [Judgement A | Judgement B]" (the format echoed) and a line without a label give None.
+
+Only ASCII letters and digits count (Unicode case folding and non-ASCII digits are ignored), so
+the same text parses the same everywhere. Only the judge's own text is ever parsed: a response
+that itself contains "Score: 5" is never read here.
+
+`forced` verdict mode (docs/method.md): where parsing fails, `cut_before_verdict` gives the
+rationale to continue (everything before the last, failed verdict keyword) and the engine appends
+SCORE_PREFIX / WINNER_PREFIX plus one option; `complete_verdict` builds that completed text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from metareward.prompts import SCORE_PREFIX, WINNER_PREFIX
+from metareward.schema import (
+    SCORE,
+    STATUS,
+    STATUS_NO_SCORE,
+    STATUS_NO_VERDICT,
+    STATUS_OK,
+    STATUS_OUT_OF_RANGE,
+    WINNER,
+)
+
+VerdictKind = Literal["score", "winner"]
+
+_FLAGS = re.IGNORECASE | re.ASCII | re.DOTALL
+# Greedy `.*` makes match() find the last occurrence. `[\s*_]` lets markdown sit around the colon.
+_LAST_SCORE = re.compile(r".*\bscore[\s*_]*:[\s*_]*([+-]?\d+(?:\.\d+)?)", _FLAGS)
+_LAST_WINNER_LINE = re.compile(r".*\bwinner[\s*_]*:[ \t*_]*(?:\n\s*)?([^\n]*)", _FLAGS)
+_LABEL = re.compile(r"\bjudge?ment[\s*_\"'\[\]():]*([a-z])\b", re.IGNORECASE | re.ASCII)
+# A verdict keyword, complete or cut off by max_tokens: "Score:", "**Score**:", or "Score" at the end.
+_VERDICT_KEYWORD = {
+    "score": re.compile(r".*(\bscore)[\s*_]*(?::|\Z)", _FLAGS),
+    "winner": re.compile(r".*(\bwinner)[\s*_]*(?::|\Z)", _FLAGS),
+}
+_PREFIX = {"score": SCORE_PREFIX, "winner": WINNER_PREFIX}
+_LINE_MARKUP = " \t*_#>-[("
+_TRAILING_MARKUP = " \t*_#[("
+
+
+def parse_score(text: str | None, low: float = 0.0, high: float = 5.0) -> float | None:
+    """The last `Score: x` of a judgment as a float, or None when there is none or x is outside
+    [low, high]."""
+    score, status = _score_and_status(text, low, high)
+    return score if status == STATUS_OK else None
+
+
+def parse_winner(text: str | None) -> Literal["A", "B"] | None:
+    """'A' or 'B' from the last `Winner: Judgement X` line of a meta-judgment, else None."""
+    if not isinstance(text, str):
+        return None
+    line = _LAST_WINNER_LINE.match(text)
+    if line is None:
+        return None
+    labels = {label.upper() for label in _LABEL.findall(line.group(1))}
+    if len(labels) == 1 and labels <= {"A", "B"}:
+        return labels.pop()  # type: ignore[return-value]
+    return None
+
+
+def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.DataFrame:
+    """Parse a whole column of judgments: columns `score` (float, NaN unless ok) and `status`
+    (ok, no_score, out_of_range), on the index of `texts`. The engine stage sets `forced` later."""
+    parsed = [_score_and_status(text, low, high) for text in texts]
+    statuses = pd.array([status for _, status in parsed], dtype="str")
+    scores = np.fromiter((score for score, _ in parsed), dtype=np.float64, count=len(parsed))
+    scores[np.asarray(statuses != STATUS_OK)] = np.nan
+    return pd.DataFrame({SCORE: scores, STATUS: statuses}, index=texts.index)
+
+
+def parse_winners(texts: pd.Series) -> pd.DataFrame:
+    """Parse a whole column of meta-judgments: columns `winner` ('A', 'B' or null) and `status`
+    (ok, no_verdict), on the index of `texts`."""
+    winners = [parse_winner(text) for text in texts]
+    statuses = [STATUS_NO_VERDICT if winner is None else STATUS_OK for winner in winners]
+    return pd.DataFrame(
+        {WINNER: pd.array(winners, dtype="str"), STATUS: pd.array(statuses, dtype="str")}, index=texts.index
+    )
+
+
+def cut_before_verdict(text: str | None, kind: VerdictKind) -> str:
+    """The rationale of a judgment (`kind="score"`) or meta-judgment (`kind="winner"`), ready to be
+    continued with the verdict prefix: the text before its last verdict keyword ("Score:" /
+    "Winner:", or the bare word at the very end, as left by max_tokens), dropping markdown that
+    only opened the verdict; trailing whitespace removed and one newline added, so the verdict
+    starts its own line. Empty or missing text gives "". Apply it only where parsing failed: a
+    valid verdict is cut just the same."""
+    pattern = _VERDICT_KEYWORD.get(kind)
+    if pattern is None:
+        raise ValueError(f"kind must be 'score' or 'winner', got {kind!r}")
+    if not isinstance(text, str):
+        return ""
+    keyword = pattern.match(text)
+    if keyword is not None:
+        cut = keyword.start(1)
+        line_start = text.rfind("\n", 0, cut) + 1
+        # Markdown that opened the verdict ("- **Score") goes with it.
+        if not text[line_start:cut].strip(_LINE_MARKUP):
+            cut = line_start
+        text = text[:cut].rstrip(_TRAILING_MARKUP)
+    rationale = text.rstrip()
+    return rationale + "\n" if rationale else ""
+
+
+def complete_verdict(text: str | None, kind: VerdictKind, option: str) -> str:
+    """The stored text of a forced verdict: `cut_before_verdict(text, kind)` + prefix + option,
+    e.g. option "4" for a score, " A" for a winner."""
+    return cut_before_verdict(text, kind) + _PREFIX[kind] + option
+
+
+def _score_and_status(text: str | None, low: float, high: float) -> tuple[float, str]:
+    if not isinstance(text, str):
+        return math.nan, STATUS_NO_SCORE
+    match = _LAST_SCORE.match(text)
+    if match is None:
+        return math.nan, STATUS_NO_SCORE
+    score = float(match.group(1))
+    if not low <= score <= high:
+        return score, STATUS_OUT_OF_RANGE
+    return score, STATUS_OK
