@@ -855,8 +855,12 @@ class ShardedArtifact:
                 raise ValueError(f"cannot finalize {self.uri}: key columns {missing} are not in the shards' columns {columns}")
             duplicated = data.duplicated(subset=list(key_columns), keep=False)
             if duplicated.any():
-                sample = data.loc[duplicated, list(key_columns)].head(5).to_dict(orient="records")
-                raise ValueError(f"cannot finalize {self.uri}: {int(duplicated.sum())} rows share a key {list(key_columns)}, e.g. {sample}")
+                repeated = data.loc[duplicated, list(key_columns)].drop_duplicates()
+                sample = repeated.head(3).to_dict(orient="records")
+                raise ValueError(
+                    f"cannot finalize {self.uri}: {len(repeated)} key(s) {list(key_columns)} occur on more than "
+                    f"one row ({int(duplicated.sum())} rows), e.g. {sample}"
+                )
         data_bytes = parquet_bytes(data)
         self.store.write_bytes(data_bytes, self.store.join(self.uri, DATA_FILE))
         plan = self.store.read_json(self.store.join(self._shards_uri, PLAN_FILE))
