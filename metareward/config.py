@@ -263,8 +263,8 @@ class RunConfig(BaseModel):
     training, and per-iteration overrides.
 
     Run
-        name: the run's name, a folder under the storage root (lowercase letters, digits, dashes; see
-            `metareward.storage.validate_run_name`).
+        name: the run's name, a folder under the storage root (letters, digits, `.`, `_`, `-`, starting
+            with a letter or digit; `metareward.storage.validate_run_name`).
         seed: the one seed every random choice derives from (prompt sampling, generation per shard,
             tie-breaks), so a re-run repeats the same texts.
         max_iterations: the run stops after iteration `max_iterations` (the paper: 4).
