@@ -755,6 +755,8 @@ class ShardedArtifact:
         elif is_complete(store, self.uri):
             manifest = read_manifest(store, self.uri)
             if manifest.get("fingerprint") == info.fingerprint and manifest.get("shard_count") == shard_count:
+                # a finalize killed between the manifest and the clean-up leaves shards behind
+                store.rm(self._shards_uri)
                 return
             logger.warning(
                 "artifact %s was made from other inputs (fingerprint %s, %s shards); discarding it",

@@ -191,8 +191,11 @@ def test_round_trips_on_every_backend(store, tmp_path):
         store.get_dir(store.join(checkpoint, "nothing-here"), tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists()
 
+    sibling = store.join(store.stage_uri("demo", 1, "generate_more"), "x.json")  # shares the prefix
+    store.write_json({}, sibling)
     store.rm(uri)
     assert not store.exists(store.join(uri, "table.parquet"))
+    assert store.exists(sibling)
     store.rm(uri)  # removing what is gone is not an error
     assert [name for name in os.listdir(back) if ".tmp-" in name] == []
 
@@ -345,8 +348,11 @@ def test_sharded_artifact_resumes_after_the_shards_done_and_finalizes_every_row_
     assert manifest["timings"]["wall_seconds"] >= 0
     assert len(manifest["data_sha256"]) == 64
 
-    # opening a complete artifact with the same inputs: nothing to do, finalize is idempotent
+    # opening a complete artifact with the same inputs: nothing to do, finalize is idempotent, and
+    # shards left by a finalize killed after its manifest are cleaned up
+    store.write_bytes(b"left over", reopened.shard_uri(1))
     again = ShardedArtifact(store, uri, shard_count=5, info=_info())
+    assert not store.exists(store.join(uri, "shards"))
     assert again.pending_shards() == [] and again.finalize() == manifest
     with pytest.raises(ValueError, match="already complete"):
         again.write_shard(0, _shard_frame(0))
@@ -529,6 +535,9 @@ def test_endpoint_from_the_environment(moto_s3, monkeypatch):
     assert moto_s3.endpoint_url in repr(store)
     store.write_json([1, 2], store.join(store.root, "list.json"))
     assert moto_s3.fs().cat_file(f"{moto_s3.bucket}/from-env/list.json") == b"[\n  1,\n  2\n]\n"
+    regional = Store(StorageConfig(root=f"s3://{moto_s3.bucket}/regional", region="eu-west-1"))
+    regional.write_json({"region": "eu-west-1"}, regional.join(regional.root, "r.json"))
+    assert regional.read_json(regional.join(regional.root, "r.json")) == {"region": "eu-west-1"}
 
 
 def _client_error(code: str, status: int):
