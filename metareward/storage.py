@@ -126,6 +126,7 @@ class TransientStorageError(StorageError):
 # ----------------------------------------------------------------------------------------------
 # names and URIs
 
+MANIFEST_FILE = "manifest.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_MARK = ".tmp-"
 
@@ -540,11 +541,12 @@ class Store:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
 
-    def put_dir(self, local: str | os.PathLike, uri: str) -> str:
+    def put_dir(self, local: str | os.PathLike, uri: str, last: Sequence[str] = (MANIFEST_FILE,)) -> str:
         """Upload the folder `local` to `uri`, replacing what was there.
 
-        Each file is written atomically; a top-level `manifest.json` goes last, so a reader that
-        waits for the manifest sees a complete folder.
+        Each file is written atomically; the top-level files named in `last` (the folder's
+        completeness marker, `manifest.json` by default) go after all others, so a reader that
+        waits for the marker sees a complete folder.
         """
         local = os.fspath(local)
         if not os.path.isdir(local):
@@ -553,7 +555,7 @@ class Store:
         for directory, _, names in os.walk(local):
             for name in names:
                 files.append(os.path.relpath(os.path.join(directory, name), local).replace(os.sep, "/"))
-        files.sort(key=lambda rel: (rel == "manifest.json", rel))
+        files.sort(key=lambda rel: (rel in last, rel))
         self.rm(uri)
         for rel in files:
             source = os.path.join(local, rel)
@@ -622,7 +624,6 @@ def _remove_quietly(path: str) -> None:
 
 ARTIFACT_FORMAT = "metareward.artifact/1"
 DATA_FILE = "data.parquet"
-MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 PLAN_FILE = "plan.json"
 _SHARD_FILE = re.compile(r"^shard-(\d{5,})\.parquet$")

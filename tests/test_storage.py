@@ -178,6 +178,9 @@ def test_round_trips_on_every_backend(store, tmp_path):
     assert store.ls(checkpoint) == sorted(
         store.join(checkpoint, name) for name in ("manifest.json", "model.safetensors", "sub")
     )
+    if store.protocol == "file":  # the manifest was written after every other file
+        written = {name: os.stat(os.path.join(checkpoint, name)).st_mtime_ns for name in ("manifest.json", "model.safetensors", "sub/tokenizer.json")}
+        assert written["manifest.json"] >= max(written.values())
     back = tmp_path / "downloaded"
     store.get_dir(checkpoint, back)
     assert (back / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
