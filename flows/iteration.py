@@ -1,0 +1,98 @@
+"""One Meta-Rewarding iteration as a Prefect flow: iteration i turns M_{i-1} into M_i.
+
+The flow is the list of its stages (one task each, `tasks.stages`):
+
+    sample prompts -> generate -> judge -> [meta-judge] -> actor pairs -> [judge pairs] -> train -> summary
+
+Meta-judging and judge pairs run only in an iteration that trains judge pairs
+(`pairs.train_judge_pairs`, per-iteration override). Every task is cached by checkpoint hash
+(`metareward.caching`), with its cache record in the run's own store, so running a finished
+iteration again loads no model and every stage ends `Cached`; `refresh=True` recomputes every
+stage and overwrites its record. Training releases the serving engines before DPO (in
+`metareward.stages.train`). An iteration without any pair trains nothing: its outcome has no
+model and a message saying why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from metareward.caching import ensure_run_cache_storage
+from metareward.checkpoints import ModelRef
+from metareward.config import RunConfig
+from metareward.stages import StageResult
+from metareward.storage import StorageConfig
+from tasks.stages import STAGE_TASKS, configured
+
+
+class IterationOutcome(BaseModel):
+    """What an iteration flow returns.
+
+    iteration: i. base_model: M_{i-1}. model: M_i, or None when the iteration had no pairs to
+    train on (`message` says so). stages: each stage's result, by stage name, in run order.
+    states: each stage's final Prefect state name (`Completed`, or `Cached` when taken from the cache).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    iteration: int
+    base_model: ModelRef
+    model: ModelRef | None
+    message: str | None = None
+    stages: dict[str, StageResult] = Field(default_factory=dict)
+    states: dict[str, str] = Field(default_factory=dict)
+
+
+class _Stages:
+    """Runs stage tasks with the run's result storage and the refresh flag, keeping their results and states."""
+
+    def __init__(self, storage: StorageConfig, run: str, refresh: bool):
+        self.result_storage = ensure_run_cache_storage(storage, run)
+        self.refresh = refresh
+        self.results: dict[str, StageResult] = {}
+        self.states: dict[str, str] = {}
+
+    def __call__(self, stage: str, *args: Any) -> StageResult:
+        state = configured(STAGE_TASKS[stage], self.result_storage, self.refresh)(*args, return_state=True)
+        result = state.result()  # re-raises the task's error: the flow fails with the stage's own message
+        self.results[stage] = result
+        self.states[stage] = state.name
+        return result
+
+
+@flow(name="metareward-iteration", flow_run_name="{config.name}-iter-{iteration}")
+def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: bool = False) -> IterationOutcome:
+    """Iteration `iteration` of the run `config` (1 = M0 -> M1), starting from checkpoint `model` (M_{i-1})."""
+    settings = config.for_iteration(iteration)
+    storage = config.storage
+    stage = _Stages(storage, settings.run, refresh)
+
+    prompts = stage("sample_prompts", storage, settings)
+    responses = stage("generate", storage, settings, model, prompts)
+    judgments = stage("judge", storage, settings, model, prompts, responses)
+    meta_judgments = judge_pairs = None
+    if settings.pairs.train_judge_pairs:
+        meta_judgments = stage("meta_judge", storage, settings, model, prompts, responses, judgments)
+    actor_pairs = stage("actor_pairs", storage, settings, model, prompts, responses, judgments)
+    if meta_judgments is not None:
+        judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
+    trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
+    stage("summary", storage, settings, model, list(stage.results.values()))
+
+    message = trained.summary.get("message") if trained.model is None else None
+    logger = get_run_logger()
+    if trained.model is None:
+        logger.warning("iteration %d trained no model: %s", iteration, message)
+    else:
+        logger.info("iteration %d: M%d = %s (sha256 %s)", iteration, iteration, trained.model.uri, trained.model.sha256)
+    return IterationOutcome(
+        iteration=iteration,
+        base_model=model,
+        model=trained.model,
+        message=message,
+        stages=stage.results,
+        states=stage.states,
+    )
