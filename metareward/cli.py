@@ -1,0 +1,278 @@
+"""The `metareward` command.
+
+    metareward run CONFIG [--refresh]              iterations of a run, resuming after the last complete one
+    metareward iterate CONFIG [--iteration I]      exactly one more iteration (or iteration I again)
+    metareward status RUN [--root ROOT]            one line per iteration: checkpoint, counts, metrics
+    metareward show RUN [--root ROOT]              status, then every stage of every iteration
+    metareward seed                                the embedded seed model's ModelRef (converted once)
+
+RUN is a run's config file or its name (then `--root`, default `./runs`, says where it is stored).
+
+Prefect: with `PREFECT_API_URL` set, flow runs are recorded by that server (e.g. `prefect server
+start`, whose UI then shows them). Without it, Prefect starts a temporary local server for the
+command (its start-up takes 15-30 s on 2 cores) that records into the same local database the UI
+of `prefect server start` reads (`~/.prefect/prefect.db`), so finished runs can be browsed later.
+Long stages (generate, judge, meta-judge, train) show progress bars in the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="metareward",
+    help="Meta-Rewarding (Wu et al. 2024) as Prefect flows: actor, judge and meta-judge in one model, trained with DPO.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+# Prefect reads its settings from the environment when it is imported, so these defaults are set
+# first (a value the user set wins). The temporary server needs more than the default 20 s to
+# start on a busy 2-core machine, and the stage modules' own log lines belong in the run logs.
+_PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "metareward",
+}
+
+
+def _prepare_prefect() -> None:
+    for name, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
+    else:
+        console.print(
+            "No PREFECT_API_URL set: Prefect starts a temporary local API for this command (15-30 s). "
+            "Its records stay in the local Prefect database: `prefect server start` shows them in the UI afterwards."
+        )
+
+
+def _load(config_path: Path):
+    from metareward.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+class _TerminalProgress:
+    """Progress bars for the stages that report progress, fed by `tasks.reporting` listeners."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+        )
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, label: str, fraction: float) -> None:
+        if label not in self.bars:
+            self.bars[label] = self.progress.add_task(label, total=100)
+        self.progress.update(self.bars[label], completed=100 * fraction)
+
+    def __enter__(self):
+        from tasks.reporting import add_progress_listener
+
+        self.progress.start()
+        add_progress_listener(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        from tasks.reporting import remove_progress_listener
+
+        remove_progress_listener(self)
+        self.progress.stop()
+
+
+def _run_flow(config, refresh: bool, max_new_iterations: int | None):
+    from flows.run import run_flow
+
+    try:
+        with _TerminalProgress():
+            return run_flow(config, refresh=refresh, max_new_iterations=max_new_iterations)
+    except Exception as error:  # the flow's logs above hold the traceback; say what failed plainly
+        console.print(f"[red]run {config.name} failed: {type(error).__name__}: {error}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _finish(config, outcome) -> None:
+    from metareward.storage import Store
+
+    console.print(f"\nRun [bold]{config.name}[/bold] stopped: {outcome.stopped}")
+    console.print(f"Newest checkpoint: {outcome.model.uri} (sha256 {outcome.model.sha256[:16]}...)")
+    _print_status(Store(config.storage), config.name)
+
+
+@app.command()
+def run(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The run's YAML config (e.g. configs/demo.yaml).")],
+    refresh: Annotated[bool, typer.Option("--refresh", help="Start again from M0 and recompute every stage, ignoring cached results.")] = False,
+) -> None:
+    """Run the iterations of CONFIG, resuming after the last complete iteration in storage, up to max_iterations."""
+    config = _load(config_path)
+    _prepare_prefect()
+    _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=None))
+
+
+@app.command()
+def iterate(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The run's YAML config.")],
+    iteration: Annotated[
+        Optional[int],
+        typer.Option("--iteration", min=1, help="Run this iteration again (from the checkpoint of the one before) instead of the next one."),
+    ] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every stage, ignoring cached results.")] = False,
+) -> None:
+    """Run exactly one more iteration of CONFIG (within max_iterations), or iteration I again with --iteration I."""
+    config = _load(config_path)
+    _prepare_prefect()
+    if iteration is None:
+        _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=1))
+        return
+
+    from flows.iteration import iteration_flow
+    from flows.run import completed_prefix, read_history
+    from metareward.checkpoints import resolve_model
+    from metareward.storage import Store
+
+    store = Store(config.storage)
+    if iteration == 1:
+        base = resolve_model(config.model, fs=store.fs if store.protocol == "s3" and config.model.startswith("s3://") else None)
+    else:
+        done = completed_prefix(read_history(store, config.name))
+        if len(done) < iteration - 1 or not done[iteration - 2].trained:
+            console.print(
+                f"[red]iteration {iteration} starts from M{iteration - 1}, but run {config.name} has "
+                f"{sum(record.trained for record in done)} trained iteration(s) in {store.root}[/red]"
+            )
+            raise typer.Exit(2)
+        base = done[iteration - 2].model
+    with _TerminalProgress():
+        outcome = iteration_flow(config, iteration, base, refresh)
+    states = ", ".join(f"{stage} {state}" for stage, state in outcome.states.items())
+    console.print(f"\nIteration {iteration}: {states}")
+    if outcome.model is None:
+        console.print(f"[yellow]{outcome.message}[/yellow]")
+    _print_status(store, config.name)
+
+
+def _store_and_run(run_or_config: str, root: str):
+    from metareward.storage import StorageConfig, Store
+
+    path = Path(run_or_config)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        config = _load(path)
+        return Store(config.storage), config.name
+    return Store(StorageConfig(root=root)), run_or_config
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _print_status(store, run: str) -> list:
+    from flows.run import read_history
+
+    history = read_history(store, run)
+    if not history:
+        console.print(f"No iterations of run {run!r} under {store.root}.")
+        return history
+    table = Table(title=f"run {run} ({store.run_uri(run)})")
+    for column in (
+        "iter", "state", "checkpoint", "prompts", "responses", "judgments", "mean score",
+        "forced", "meta-judgments", "actor pairs", "judge pairs", "DPO loss",
+    ):
+        table.add_column(column, justify="left" if column in ("state", "checkpoint") else "right")
+    for record in history:
+        stages = record.stages
+        judge = stages.get("judge", {})
+        forced = judge.get("statuses", {}).get("forced")
+        if record.complete:
+            state = "trained" if record.trained else "no pairs"
+        else:
+            state = "incomplete (" + ", ".join(record.artifacts) + ")" if record.artifacts else "started"
+        table.add_row(
+            str(record.iteration),
+            state,
+            record.model.sha256[:12] if record.model else "-",
+            _number(stages.get("sample_prompts", {}).get("prompts")),
+            _number(stages.get("generate", {}).get("responses")),
+            _number(judge.get("judgments")),
+            _number(judge.get("mean_score")),
+            _number(forced),
+            _number(stages.get("meta_judge", {}).get("meta_judgments")),
+            _number(stages.get("actor_pairs", {}).get("pairs")),
+            _number(stages.get("judge_pairs", {}).get("pairs")) if "judge_pairs" in stages else "not trained",
+            _number(stages.get("train", {}).get("final_loss")),
+        )
+    console.print(table)
+    for record in history:
+        if record.message:
+            console.print(f"iteration {record.iteration}: {record.message}")
+    return history
+
+
+@app.command()
+def status(
+    run_or_config: Annotated[str, typer.Argument(metavar="RUN", help="A run's config file, or its name.")],
+    root: Annotated[str, typer.Option(help="Storage root when RUN is a name (a folder or s3://bucket/prefix).")] = "./runs",
+) -> None:
+    """One line per iteration of RUN: state, checkpoint, counts and key metrics."""
+    store, run_name = _store_and_run(run_or_config, root)
+    if not _print_status(store, run_name):
+        raise typer.Exit(1)
+
+
+@app.command()
+def show(
+    run_or_config: Annotated[str, typer.Argument(metavar="RUN", help="A run's config file, or its name.")],
+    root: Annotated[str, typer.Option(help="Storage root when RUN is a name (a folder or s3://bucket/prefix).")] = "./runs",
+) -> None:
+    """The status table, then every stage of every complete iteration: artifact counts and what was dropped."""
+    store, run_name = _store_and_run(run_or_config, root)
+    history = _print_status(store, run_name)
+    if not history:
+        raise typer.Exit(1)
+    for record in history:
+        if not record.complete:
+            continue
+        table = Table(title=f"iteration {record.iteration}")
+        table.add_column("stage")
+        table.add_column("counts")
+        table.add_column("dropped")
+        for stage, summary in record.stages.items():
+            counts = {name: value for name, value in summary.items() if not isinstance(value, (dict, list)) and name != "message"}
+            dropped = summary.get("dropped") or {}
+            table.add_row(
+                stage,
+                ", ".join(f"{name} {_number(value)}" for name, value in counts.items()),
+                ", ".join(f"{reason} {count}" for reason, count in dropped.items() if count) or "-",
+            )
+        console.print(table)
+
+
+@app.command()
+def seed() -> None:
+    """Print the embedded seed model's ModelRef (converting the packaged GGUF once, about a minute)."""
+    from metareward.checkpoints import seed_model
+
+    typer.echo(json.dumps(seed_model().model_dump(), indent=2))
+
+
+if __name__ == "__main__":
+    app()
