@@ -44,6 +44,7 @@ from metareward.schema import (
     RESPONSE_ID,
     SCORE,
     SchemaError,
+    show,
     check_rho,
     require_columns,
     require_no_nulls,
@@ -106,6 +107,7 @@ def select_actor_pairs(
     s_min = np.full(n_prompts, np.inf)
     np.maximum.at(s_max, codes, row_scores)
     np.minimum.at(s_min, codes, row_scores)
+    s_max[n_scored == 0] = s_min[n_scored == 0] = 0.0  # finite bounds; such prompts are dropped anyway
     top_bound = (1 - rho) * s_max + rho * s_min
     bottom_bound = (1 - rho) * s_min + rho * s_max
     in_top = row_scores >= top_bound[codes] - TIER_TOLERANCE
@@ -200,10 +202,10 @@ def _prompt_texts(responses: pd.DataFrame, prompts: pd.DataFrame | None) -> pd.S
     if prompts is None:
         conflicting = responses.groupby(PROMPT_ID, sort=False)[PROMPT].nunique()
         if (conflicting > 1).any():
-            raise SchemaError(f"responses: prompt_id {conflicting.index[(conflicting > 1).to_numpy()][0]!r} has more than one 'prompt' text")
-    missing = ~responses[PROMPT_ID].isin(text.index)
+            raise SchemaError(f"responses: prompt_id {show(conflicting.index[(conflicting > 1).to_numpy()][0])} has more than one 'prompt' text")
+    missing = text.index.get_indexer(responses[PROMPT_ID]) < 0
     if missing.any():
-        raise SchemaError(f"prompts: no prompt text for prompt_id {responses[PROMPT_ID][missing.to_numpy()].iloc[0]!r}")
+        raise SchemaError(f"prompts: no prompt text for prompt_id {show(responses[PROMPT_ID].to_numpy()[missing][0])}")
     return text
 
 

@@ -79,7 +79,8 @@ def parse_winner(text: str | None) -> Literal["A", "B"] | None:
 def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.DataFrame:
     """Parse a whole column of judgments: columns `score` (float, NaN unless ok) and `status`
     (ok, no_score, out_of_range), on the index of `texts`. The engine stage sets `forced` later."""
-    parsed = [_score_and_status(text, low, high) for text in texts]
+    # Iterating an object array is several times faster than iterating an Arrow-backed Series.
+    parsed = [_score_and_status(text, low, high) for text in texts.to_numpy(dtype=object)]
     statuses = pd.array([status for _, status in parsed], dtype="str")
     scores = np.fromiter((score for score, _ in parsed), dtype=np.float64, count=len(parsed))
     scores[np.asarray(statuses != STATUS_OK)] = np.nan
@@ -89,7 +90,7 @@ def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.Da
 def parse_winners(texts: pd.Series) -> pd.DataFrame:
     """Parse a whole column of meta-judgments: columns `winner` ('A', 'B' or null) and `status`
     (ok, no_verdict), on the index of `texts`."""
-    winners = [parse_winner(text) for text in texts]
+    winners = [parse_winner(text) for text in texts.to_numpy(dtype=object)]
     statuses = [STATUS_NO_VERDICT if winner is None else STATUS_OK for winner in winners]
     return pd.DataFrame(
         {WINNER: pd.array(winners, dtype="str"), STATUS: pd.array(statuses, dtype="str")}, index=texts.index

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from numbers import Real
 
+import numpy as np
 import pandas as pd
 
 from metareward.hashing import prompt_id_of
@@ -93,6 +94,15 @@ class SchemaError(ValueError):
     """A table does not follow the artifact schema; the message names the column and value."""
 
 
+def show(value: object) -> str:
+    """repr of a table value for messages: numpy scalars as plain Python values, tuples item by item."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> None:
     """Raise when `table` (called `name` in the message) lacks any of `columns`."""
     if not isinstance(table, pd.DataFrame):
@@ -108,14 +118,20 @@ def require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> N
 def require_unique(table: pd.DataFrame, columns: str | Sequence[str], name: str) -> None:
     """Raise when a value (or a combination of values) of `columns` occurs on more than one row."""
     subset = [columns] if isinstance(columns, str) else list(columns)
-    duplicated = table.duplicated(subset=subset, keep=False)
+    # Integer codes instead of hashing the strings of several columns together (much faster on Arrow strings).
+    combined = np.zeros(len(table), dtype=np.int64)
+    for column in subset:
+        codes, uniques = pd.factorize(table[column])
+        combined = combined * (len(uniques) + 1) + codes + 1
+    duplicated = pd.Series(combined).duplicated(keep=False).to_numpy()
     if duplicated.any():
-        first = table.loc[duplicated, subset].iloc[0]
-        value = first.iloc[0] if len(subset) == 1 else tuple(first)
+        first = int(duplicated.argmax())
+        values = table[subset].iloc[first]
+        value = values.iloc[0] if len(subset) == 1 else tuple(values)
         label = repr(subset[0]) if len(subset) == 1 else repr(tuple(subset))
         raise SchemaError(
-            f"{name}: column {label} must be unique; {value!r} occurs on "
-            f"{int((table[subset] == first.values).all(axis=1).sum())} rows"
+            f"{name}: column {label} must be unique; {show(value)} occurs on "
+            f"{int((combined == combined[first]).sum())} rows"
         )
 
 
@@ -125,7 +141,7 @@ def require_no_nulls(table: pd.DataFrame, columns: Iterable[str], name: str) -> 
         nulls = table[column].isna()
         if nulls.any():
             row = table.index[nulls.to_numpy()][0]
-            raise SchemaError(f"{name}: column {column!r} has {int(nulls.sum())} null value(s), first at row {row!r}")
+            raise SchemaError(f"{name}: column {column!r} has {int(nulls.sum())} null value(s), first at row {show(row)}")
 
 
 def require_values(table: pd.DataFrame, column: str, allowed: Sequence[str], name: str, *, allow_null: bool = False) -> None:
@@ -136,7 +152,7 @@ def require_values(table: pd.DataFrame, column: str, allowed: Sequence[str], nam
         bad &= values.notna()
     if bad.any():
         value = values[bad.to_numpy()].iloc[0]
-        raise SchemaError(f"{name}: column {column!r} has value {value!r}; allowed: {', '.join(map(repr, allowed))}")
+        raise SchemaError(f"{name}: column {column!r} has value {show(value)}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def check_rho(rho: float) -> float:
@@ -158,7 +174,7 @@ def check_judgments(judgments: pd.DataFrame, name: str = "judgments") -> None:
     if (valid != scored).any():
         row = judgments.iloc[int((valid != scored).argmax())]
         raise SchemaError(
-            f"{name}: judgment_id {row[JUDGMENT_ID]!r} has status {row[STATUS]!r} and score {row[SCORE]!r}; "
+            f"{name}: judgment_id {show(row[JUDGMENT_ID])} has status {show(row[STATUS])} and score {show(row[SCORE])}; "
             f"a score is required exactly when the status is one of {', '.join(map(repr, VALID_STATUSES))}"
         )
     _check_one_prompt_per_response(judgments, name)
@@ -177,23 +193,28 @@ def check_meta_judgments(meta_judgments: pd.DataFrame, name: str = "meta_judgmen
     if (valid != decided).any():
         row = meta_judgments.iloc[int((valid != decided).argmax())]
         raise SchemaError(
-            f"{name}: comparison ({row[JUDGMENT_A_ID]!r}, {row[JUDGMENT_B_ID]!r}) has status {row[STATUS]!r} and "
-            f"winner {row[WINNER]!r}; a winner is required exactly when the status is one of "
+            f"{name}: comparison ({show(row[JUDGMENT_A_ID])}, {show(row[JUDGMENT_B_ID])}) has status {show(row[STATUS])} and "
+            f"winner {show(row[WINNER])}; a winner is required exactly when the status is one of "
             f"{', '.join(map(repr, VALID_STATUSES))}"
         )
     same = (meta_judgments[JUDGMENT_A_ID] == meta_judgments[JUDGMENT_B_ID]).to_numpy()
     if same.any():
         value = meta_judgments[JUDGMENT_A_ID].to_numpy()[same][0]
-        raise SchemaError(f"{name}: judgment {value!r} is compared with itself (judgment_a_id == judgment_b_id)")
+        raise SchemaError(f"{name}: judgment {show(value)} is compared with itself (judgment_a_id == judgment_b_id)")
     require_unique(meta_judgments, (JUDGMENT_A_ID, JUDGMENT_B_ID), name)
     _check_one_prompt_per_response(meta_judgments, name)
 
 
 def _check_one_prompt_per_response(table: pd.DataFrame, name: str) -> None:
-    prompts_per_response = table.groupby(RESPONSE_ID, sort=False)[PROMPT_ID].nunique()
-    if (prompts_per_response > 1).any():
-        response_id = prompts_per_response.index[(prompts_per_response > 1).to_numpy()][0]
-        raise SchemaError(f"{name}: response_id {response_id!r} appears under more than one prompt_id")
+    response_codes, responses = pd.factorize(table[RESPONSE_ID])
+    prompt_codes, _ = pd.factorize(table[PROMPT_ID])
+    # Any one prompt code per response; a response under two prompts disagrees with it on some row.
+    prompt_of_response = np.empty(len(responses), dtype=np.int64)
+    prompt_of_response[response_codes] = prompt_codes
+    disagree = prompt_of_response[response_codes] != prompt_codes
+    if disagree.any():
+        response_id = responses[response_codes[int(disagree.argmax())]]
+        raise SchemaError(f"{name}: response_id {show(response_id)} appears under more than one prompt_id")
 
 
 def prepare_prompts(prompts: pd.DataFrame, name: str = "prompts") -> pd.DataFrame:

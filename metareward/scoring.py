@@ -4,9 +4,12 @@ Valid judgments are those with status ok or forced (forced verdicts count everyw
 response that has at least one judgment row gets a row; one without a valid judgment has
 n_valid 0 and null mean and variance.
 
-The arithmetic does not depend on row order: each response's scores are summed in ascending
-order, so equal multisets of scores give bitwise-equal means and variances, and a response whose
-valid scores are all equal has variance exactly 0 (the meta-judge target rule tests variance > 0).
+The arithmetic does not depend on row order, and ties stay ties: mean = sum / n and variance =
+(n * sum of squares - sum^2) / n^2, with the sums taken in ascending order of score. For the
+scores judges write (integers, halves, quarters) the sums are exact, so each mean and variance is
+the correctly rounded true value, and two responses whose true variances are equal get equal
+floats (the meta-judge target rule then breaks the tie by hash, not by rounding noise). A response
+whose valid scores are all equal has variance exactly 0 (the target rule tests variance > 0).
 """
 
 from __future__ import annotations
@@ -49,13 +52,15 @@ def response_scores(judgments: pd.DataFrame) -> pd.DataFrame:
     mean = np.full(n_responses, np.nan)
     var = np.full(n_responses, np.nan)
     if len(codes):
-        group_mean = np.add.reduceat(scores, starts) / n_valid[has_valid]
-        deviation = scores - np.repeat(group_mean, n_valid[has_valid])
-        group_var = np.add.reduceat(deviation * deviation, starts) / n_valid[has_valid]
+        count = n_valid[has_valid]
+        total = np.add.reduceat(scores, starts)
+        total_of_squares = np.add.reduceat(scores * scores, starts)
+        # Sums of integer, half and quarter scores are exact, so mean and variance are the correctly
+        # rounded true values: responses with equal true variance compare equal (and tie-break by hash).
+        group_var = np.maximum(count * total_of_squares - total * total, 0.0) / (count * count)
         # Sorted scores: all equal exactly when first == last; then the variance is exactly 0.
-        ends = starts + n_valid[has_valid] - 1
-        group_var[scores[starts] == scores[ends]] = 0.0
-        mean[has_valid] = group_mean
+        group_var[scores[starts] == scores[starts + count - 1]] = 0.0
+        mean[has_valid] = total / count
         var[has_valid] = group_var
 
     table = responses.assign(**{SCORE_MEAN: mean, SCORE_VAR: var, N_VALID: n_valid.astype(np.int64)})
