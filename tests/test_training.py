@@ -20,6 +20,7 @@ from metareward.training import (
     TrainingConfig,
     TrainResult,
     check_pairs,
+    completion_logps,
     implicit_reward_margins,
     prepare_examples,
     resolve_precision,
@@ -144,10 +145,21 @@ def test_checkpoint_has_manifest_new_hash_and_reloads(trained: TrainResult, seed
 def test_implicit_reward_margin_grew(trained: TrainResult, seed_ref: ModelRef) -> None:
     pairs = _pairs(GOOD_PAIRS)
     margins = implicit_reward_margins(trained.model, seed_ref, pairs, beta=TEST_CONFIG.beta)
-    # Before training the policy is the reference: every margin is exactly 0 (step 1 above).
-    assert margins.shape == (4,)
+    # Before training the policy is the reference, so every margin was exactly 0 (TRL's step 1
+    # above); the saved checkpoint, reloaded, prefers chosen over rejected on the training pairs.
+    assert list(margins.index) == list(pairs.index)
     assert margins.mean() > 0.05
     assert (margins > 0).sum() >= 3
+
+
+@pytest.mark.model
+def test_completion_logps_match_trl(trained: TrainResult, seed_ref: ModelRef) -> None:
+    # TRL's step 1 ran the base model over exactly these four pairs (one batch, none truncated):
+    # its logged batch means must equal ours, so both render and score the completions alike.
+    logps = completion_logps(seed_ref, _pairs(GOOD_PAIRS))
+    first = trained.metrics.iloc[0]
+    assert logps["chosen_logps"].mean() == pytest.approx(first["logps/chosen"], abs=1e-3)
+    assert logps["rejected_logps"].mean() == pytest.approx(first["logps/rejected"], abs=1e-3)
 
 
 # --- input rules that need the tokenizer --------------------------------------------------------
