@@ -36,10 +36,12 @@ console = Console()
 
 # Prefect reads its settings from the environment when it is imported, so these defaults are set
 # first (a value the user set wins). The temporary server needs more than the default 20 s to
-# start on a busy 2-core machine, and the stage modules' own log lines belong in the run logs.
+# start on a busy 2-core machine, the stage modules' own log lines belong in the run logs, and
+# a machine without internet should not try to send Prefect's anonymous telemetry.
 _PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "metareward",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
 
