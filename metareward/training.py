@@ -9,8 +9,8 @@ Pairs table (`docs/artifacts.md`): columns `kind` ('actor' | 'judge'), `prompt_i
 (the user turn text: the instruction for actor pairs, the filled judge prompt for judge pairs),
 `chosen`, `rejected`; other columns are ignored. Each row becomes one TRL conversational
 example: prompt = [user: prompt], chosen = [assistant: chosen], rejected = [assistant: rejected],
-rendered with the checkpoint's own chat template (its default system turn included, exactly as
-the engines render a conversation at generation time).
+rendered with the checkpoint's own chat template (a default system turn that the template adds
+is part of the prompt, as it is when the model generates from a user-only conversation).
 
 Input rules (every drop is counted by reason in `TrainResult.n_pairs_dropped`):
 - an empty table, missing columns, nulls, non-text values or an unknown `kind` raise `ValueError`
