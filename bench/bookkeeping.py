@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import resource
 import sys
 import time
@@ -149,17 +150,25 @@ def make_meta_judgments(plan: pd.DataFrame, judgments: pd.DataFrame, responses: 
 # --- fast: the library ---------------------------------------------------------------------------
 @dataclass
 class Timer:
+    """Wall time per step, and the process's CPU time (less sensitive to other load on the machine)."""
+
     steps: dict[str, float] = field(default_factory=dict)
+    cpu_steps: dict[str, float] = field(default_factory=dict)
 
     def run(self, name: str, fn: Callable, *args, **kwargs):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
         self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - start
+        self.cpu_steps[name] = self.cpu_steps.get(name, 0.0) + time.process_time() - cpu_start
         return result
 
     @property
     def total(self) -> float:
         return sum(self.steps.values())
+
+    @property
+    def cpu_total(self) -> float:
+        return sum(self.cpu_steps.values())
 
 
 def fast_first_half(prompts, responses, judgments, timer: Timer) -> dict:
@@ -444,12 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     reference = reference_first_half(prompts, responses, judgments, reference_timer)
     reference |= reference_second_half(prompts, responses, reference["judgments"], reference["targets"], meta_texts, reference_timer)
 
-    print(f"\n{'step':<22}{'fast s':>10}{'per-prompt s':>14}{'ratio':>9}")
+    print(f"\n{'step':<22}{'fast s':>10}{'per-prompt s':>14}{'ratio':>9}{'fast CPU s':>13}{'per-prompt CPU s':>18}")
     for step in fast_timer.steps:
         f, r = fast_timer.steps[step], reference_timer.steps[step]
-        print(f"{step:<22}{f:>10.3f}{r:>14.3f}{r / f:>9.1f}")
+        fc, rc = fast_timer.cpu_steps[step], reference_timer.cpu_steps[step]
+        print(f"{step:<22}{f:>10.3f}{r:>14.3f}{r / f:>9.1f}{fc:>13.3f}{rc:>18.3f}")
     ratio = reference_timer.total / fast_timer.total
-    print(f"{'total':<22}{fast_timer.total:>10.3f}{reference_timer.total:>14.3f}{ratio:>9.1f}")
+    print(
+        f"{'total':<22}{fast_timer.total:>10.3f}{reference_timer.total:>14.3f}{ratio:>9.1f}"
+        f"{fast_timer.cpu_total:>13.3f}{reference_timer.cpu_total:>18.3f}"
+    )
+    print(f"CPU-time ratio: {reference_timer.cpu_total / fast_timer.cpu_total:.1f}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"peak RSS after the fast run (synthetic tables included): {fast_peak:.2f} GiB")
     agreement = compare(fast, reference)
     print(f"\nagreement: same pairs; Elo max gap {agreement['elo_gap']:.2e}; near-tie choices {agreement['near_ties']}")

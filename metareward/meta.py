@@ -142,13 +142,13 @@ def plan_comparisons(judgments: pd.DataFrame, targets: pd.DataFrame) -> pd.DataF
     a_rows = starts[group[keep]] + a_local[keep]
     b_rows = starts[group[keep]] + b_local[keep]
 
-    judgment_ids = valid[JUDGMENT_ID].to_numpy()
+    # Series.take keeps the columns' own (Arrow) storage: no round trip through Python strings.
     return pd.DataFrame(
         {
-            PROMPT_ID: valid[PROMPT_ID].to_numpy()[a_rows],
-            RESPONSE_ID: valid[RESPONSE_ID].to_numpy()[a_rows],
-            JUDGMENT_A_ID: judgment_ids[a_rows],
-            JUDGMENT_B_ID: judgment_ids[b_rows],
+            PROMPT_ID: valid[PROMPT_ID].take(a_rows).array,
+            RESPONSE_ID: valid[RESPONSE_ID].take(a_rows).array,
+            JUDGMENT_A_ID: valid[JUDGMENT_ID].take(a_rows).array,
+            JUDGMENT_B_ID: valid[JUDGMENT_ID].take(b_rows).array,
         },
         columns=list(COMPARISONS_COLUMNS),
     )
@@ -197,9 +197,10 @@ def judgment_elo(
     if decided.empty:
         return pd.DataFrame({column: pd.Series(dtype="float64" if column == ELO else "str") for column in ELO_COLUMNS})
     first_won = (decided[WINNER] == "A").to_numpy()
-    a_ids, b_ids = decided[JUDGMENT_A_ID].to_numpy(), decided[JUDGMENT_B_ID].to_numpy()
     target_codes, target_ids = pd.factorize(decided[RESPONSE_ID], sort=True)
-    judgment_codes, judgment_ids = pd.factorize(np.concatenate([a_ids, b_ids]), sort=True)
+    judgment_codes, judgment_ids = pd.factorize(
+        pd.concat([decided[JUDGMENT_A_ID], decided[JUDGMENT_B_ID]], ignore_index=True), sort=True
+    )
     n_judgments = len(judgment_ids)
     a_keys = target_codes.astype(np.int64) * n_judgments + judgment_codes[: len(decided)]
     b_keys = target_codes.astype(np.int64) * n_judgments + judgment_codes[len(decided) :]

@@ -129,10 +129,9 @@ def select_actor_pairs(
 
     drop("fewer_than_2_scored", n_scored < 2)
     drop("all_scores_equal", s_max == s_min)
-    text_values = texts.to_numpy(dtype=object)
     same_text = np.zeros(n_prompts, dtype=bool)
     candidates = np.flatnonzero(remaining)
-    same_text[candidates] = text_values[chosen_row[candidates]] == text_values[rejected_row[candidates]]
+    same_text[candidates] = texts.take(chosen_row[candidates]).to_numpy() == texts.take(rejected_row[candidates]).to_numpy()
     drop("same_text", same_text)
     not_better = np.zeros(n_prompts, dtype=bool)
     candidates = np.flatnonzero(remaining)
@@ -153,8 +152,8 @@ def select_actor_pairs(
             KIND: pd.array([KIND_ACTOR] * len(selected), dtype="str"),
             PROMPT_ID: selected_prompt_ids,
             PROMPT: prompt_text.reindex(selected_prompt_ids).to_numpy(),
-            CHOSEN: text_values[chosen],
-            REJECTED: text_values[rejected],
+            CHOSEN: texts.take(chosen).to_numpy(),
+            REJECTED: texts.take(rejected).to_numpy(),
             CHOSEN_ID: response_ids[chosen],
             REJECTED_ID: response_ids[rejected],
             CHOSEN_SCORE: scores[chosen],

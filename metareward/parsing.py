@@ -2,11 +2,11 @@
 
 Scores: the last `Score: x` the judge wrote, x a decimal number (`4`, `4.75`, `-1`), kept only
 when low <= x <= high. Accepted around it: any letter case of "score", markdown emphasis and
-spaces between the word, the colon and the number (`**Score:** 4`, `score: 4/5`, `Score:\n4`).
+spaces between the word, the colon and the number (`**Score:** 4`, `score: 4/5`, the number on the next line).
 A later "Score:" without a number ("Score: <total points>") does not hide an earlier numbered one.
 
 Winners: the last line holding `Winner:` (any case, markdown allowed); its text up to the end of
-that line (or the next line when the colon ends its own line) must name exactly one label, `A`
+that line (or the next non-empty line when the colon ends its line) must name exactly one label, `A`
 or `B`, each written `Judgement X` or `Judgment X` (both spellings, any case). "Winner: Judgement C",
 "Winner: [Judgement A | Judgement B]" (the format echoed) and a line without a label give None.
 
@@ -52,6 +52,10 @@ _VERDICT_KEYWORD = {
     "winner": re.compile(r".*(\bwinner)[\s*_]*(?::|\Z)", _FLAGS),
 }
 _PREFIX = {"score": SCORE_PREFIX, "winner": WINNER_PREFIX}
+# The verdict lines meta-judges write most, mapped to what the general rule gives them (a shortcut).
+_COMMON_VERDICTS = {
+    f"{word} {label}{end}": label for word in ("Judgement", "Judgment") for label in ("A", "B") for end in ("", ".", "**")
+}
 _LINE_MARKUP = " \t*_#>-[("
 _TRAILING_MARKUP = " \t*_#[("
 
@@ -65,33 +69,30 @@ def parse_score(text: str | None, low: float = 0.0, high: float = 5.0) -> float 
 
 def parse_winner(text: str | None) -> Literal["A", "B"] | None:
     """'A' or 'B' from the last `Winner: Judgement X` line of a meta-judgment, else None."""
-    if not isinstance(text, str):
-        return None
-    line = _LAST_WINNER_LINE.match(text)
-    if line is None:
-        return None
-    labels = {label.upper() for label in _LABEL.findall(line.group(1))}
-    if len(labels) == 1 and labels <= {"A", "B"}:
-        return labels.pop()  # type: ignore[return-value]
-    return None
+    return _winner_of(text) if isinstance(text, str) else None
 
 
 def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.DataFrame:
     """Parse a whole column of judgments: columns `score` (float, NaN unless ok) and `status`
-    (ok, no_score, out_of_range), on the index of `texts`. The engine stage sets `forced` later."""
+    (ok, no_score, out_of_range), on the index of `texts`. The engine stage sets `forced` later.
+    Same rules as `parse_score`, row by row."""
     # Iterating an object array is several times faster than iterating an Arrow-backed Series.
-    parsed = [_score_and_status(text, low, high) for text in texts.to_numpy(dtype=object)]
-    statuses = pd.array([status for _, status in parsed], dtype="str")
-    scores = np.fromiter((score for score, _ in parsed), dtype=np.float64, count=len(parsed))
-    scores[np.asarray(statuses != STATUS_OK)] = np.nan
-    return pd.DataFrame({SCORE: scores, STATUS: statuses}, index=texts.index)
+    matches = [_LAST_SCORE.match(text) if isinstance(text, str) else None for text in texts.to_numpy(dtype=object)]
+    raw = np.array([float(match.group(1)) if match is not None else np.nan for match in matches], dtype=np.float64)
+    found = ~np.isnan(raw)
+    in_range = found & (raw >= low) & (raw <= high)
+    statuses = np.where(in_range, STATUS_OK, np.where(found, STATUS_OUT_OF_RANGE, STATUS_NO_SCORE))
+    return pd.DataFrame(
+        {SCORE: np.where(in_range, raw, np.nan), STATUS: pd.array(statuses, dtype="str")}, index=texts.index
+    )
 
 
 def parse_winners(texts: pd.Series) -> pd.DataFrame:
     """Parse a whole column of meta-judgments: columns `winner` ('A', 'B' or null) and `status`
-    (ok, no_verdict), on the index of `texts`."""
-    winners = [parse_winner(text) for text in texts.to_numpy(dtype=object)]
-    statuses = [STATUS_NO_VERDICT if winner is None else STATUS_OK for winner in winners]
+    (ok, no_verdict), on the index of `texts`. Same rules as `parse_winner`, row by row."""
+    winners = [_winner_of(text) if isinstance(text, str) else None for text in texts.to_numpy(dtype=object)]
+    decided = np.array([winner is not None for winner in winners], dtype=bool)
+    statuses = np.where(decided, STATUS_OK, STATUS_NO_VERDICT)
     return pd.DataFrame(
         {WINNER: pd.array(winners, dtype="str"), STATUS: pd.array(statuses, dtype="str")}, index=texts.index
     )
@@ -127,6 +128,23 @@ def complete_verdict(text: str | None, kind: VerdictKind, option: str) -> str:
     return cut_before_verdict(text, kind) + _PREFIX[kind] + option
 
 
+def _winner_of(text: str) -> Literal["A", "B"] | None:
+    line = _LAST_WINNER_LINE.match(text)
+    if line is None:
+        return None
+    verdict = line.group(1)
+    common = _COMMON_VERDICTS.get(verdict)
+    if common is not None:
+        return common
+    labels = _LABEL.findall(verdict)
+    if not labels:
+        return None
+    label = labels[0].upper()
+    if label not in ("A", "B") or any(other.upper() != label for other in labels[1:]):
+        return None
+    return label  # type: ignore[return-value]
+
+
 def _score_and_status(text: str | None, low: float, high: float) -> tuple[float, str]:
     if not isinstance(text, str):
         return math.nan, STATUS_NO_SCORE
@@ -137,3 +155,4 @@ def _score_and_status(text: str | None, low: float, high: float) -> tuple[float,
     if not low <= score <= high:
         return score, STATUS_OUT_OF_RANGE
     return score, STATUS_OK
+

@@ -404,3 +404,15 @@ def test_judge_pair_inputs_are_checked():
         select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES, prompts=PROMPTS[["prompt_id"]])
     with pytest.raises(SchemaError, match="responses: no text for 'r'"):
         select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES.iloc[1:], prompts=PROMPTS)
+
+
+def test_empty_tables_flow_through_every_step():
+    judgments = judgments_table([("p", "r", "j", 1.0)]).iloc[:0]
+    targets = select_meta_targets(judgments, 0)
+    assert targets.empty and targets.attrs["dropped"] == {"fewer_than_2_valid_judgments": 0, "no_score_variance": 0}
+    assert plan_comparisons(judgments, targets).empty
+    meta = meta_table([("a", "b", None)]).iloc[:0]
+    elo = judgment_elo(meta, *positional_weights(meta))
+    pairs = select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES, prompts=PROMPTS)
+    assert pairs.empty and pairs.columns.tolist() == list(PAIRS_COLUMNS)
+    assert pairs.attrs["dropped"] == dict.fromkeys(JUDGE_DROP_REASONS, 0)

@@ -166,3 +166,12 @@ def test_forced_verdicts_parse_on_verdict_like_noise(text):
         assert parse_score(complete_verdict(text, "score", option)) == float(option)
     for option in WINNER_OPTIONS:
         assert parse_winner(complete_verdict(text, "winner", option)) == WINNER_OF_OPTION[option]
+
+
+def test_the_common_verdict_shortcut_agrees_with_the_general_rule():
+    from metareward.parsing import _COMMON_VERDICTS
+
+    for line, label in _COMMON_VERDICTS.items():
+        assert parse_winner(f"Winner: {line}") == label
+        # A trailing space takes the general path.
+        assert parse_winner(f"Winner: {line} ") == label
