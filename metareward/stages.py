@@ -1,0 +1,806 @@
+"""The stages of one Meta-Rewarding iteration as plain functions (no Prefect): the Prefect tasks wrap these.
+
+Each stage takes small inputs (a `Store`, the iteration's effective `IterationConfig`, a `ModelRef`,
+upstream artifact URIs), reads its inputs from storage, calls the core library, the engine or the
+trainer, writes its Parquet artifact(s) itself and returns a `StageResult`: the artifact URI(s), the
+artifact's key and a small JSON summary (counts, what was dropped and why). Never a DataFrame.
+
+    sample_prompts  -> prompts                       (prompt_id, prompt)
+    generate        -> responses        [sharded]    the actor: K responses per prompt, exact duplicates removed
+    judge           -> judgments        [sharded]    the judge: N judgments per response
+                       scores                        mean, ddof-0 variance, count of valid judgments per response
+    meta_judge      -> meta_targets                  per prompt the response whose judgments disagree most
+                       meta_judgments   [sharded]    both orders of every pair of its valid judgments
+    actor_pairs     -> actor_pairs                   length-controlled best vs worst response
+    judge_pairs     -> elo, judge_pairs              position-weighted battles, Bradley-Terry Elo, best vs worst judgment
+    train           -> train (metrics) + model       DPO on the union of actor and judge pairs: M_{i-1} -> M_i
+    summary         -> summary                       one row per stage of the iteration
+
+Artifacts live at `store.stage_uri(run, i, name)` (`{root}/{run}/iter-{i}/{name}/data.parquet` plus a
+manifest written last; `docs/artifacts.md`), with the columns of `metareward.schema`.
+
+Sharding (generate, judge, meta_judge): shard k holds the prompts at positions
+[k * shard_size, (k + 1) * shard_size) of the prompts artifact, and everything derived from them.
+Each shard is committed on its own (`metareward.storage.ShardedArtifact`); a stage that is killed and
+run again redoes only the shards that are missing, and the final table has every row exactly once.
+Each shard's sampling seed is derived from (run seed, iteration, stage, shard index), so a shard run
+again repeats the same texts and the resumed table equals an uninterrupted run's.
+
+Keys: every artifact's manifest carries a fingerprint, the sha256 of (stage, schema version, the
+checkpoint's sha256, the stage's settings `IterationConfig.stage_settings(stage)`, the upstream
+artifacts' fingerprints). `StageResult.key` returns it, so a cache key built from the upstream keys
+changes whenever anything upstream changed, and shards left by a run with other inputs are discarded.
+
+Verdicts: the judge stage parses only the judgment text the model wrote, never the prompt or the
+response it judged (a response that says "Score: 5" is not a score). With `verdict_mode: forced`, a
+judgment without a valid score is cut before its last (partial) verdict line and completed with
+`Score: k`, k picked by `engine.choose` among "0".."5" at the judge's temperature (status `forced`);
+a meta-judgment without a winner likewise with " A" / " B" after "Winner: Judgement".
+
+Engines are loaded through `metareward.engines.load_engine` (cached by checkpoint, so the three roles
+share one loaded model) and only when a stage has shards left to compute: a stage whose artifact is
+complete loads nothing. `train` releases the engines before DPO. `progress(fraction)` callbacks, when
+given, are called with the share of shards done (0.0 first, 1.0 last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from metareward import meta, pairs as actor_pair_rules, parsing, prompt_sources
+from metareward.checkpoints import ModelRef
+from metareward.config import IterationConfig
+from metareward.engines.base import Conversation, Engine, Sampling
+from metareward.hashing import tie_break_key
+from metareward.prompts import (
+    SCORE_OPTIONS,
+    SCORE_PREFIX,
+    WINNER_OF_OPTION,
+    WINNER_OPTIONS,
+    WINNER_PREFIX,
+    render_judge_prompt,
+    render_meta_judge_prompt,
+)
+from metareward.schema import (
+    COMPARISONS_COLUMNS,
+    FINISH_REASON,
+    JUDGMENT,
+    JUDGMENT_A_ID,
+    JUDGMENT_B_ID,
+    JUDGMENT_ID,
+    JUDGMENT_STATUSES,
+    JUDGMENTS_COLUMNS,
+    KIND_ACTOR,
+    KIND_JUDGE,
+    META_JUDGMENT,
+    META_JUDGMENTS_COLUMNS,
+    META_STATUSES,
+    N_TOKENS,
+    N_VALID,
+    PAIRS_COLUMNS,
+    PROMPT,
+    PROMPT_ID,
+    PROMPTS_COLUMNS,
+    RESPONSE,
+    RESPONSE_ID,
+    RESPONSES_COLUMNS,
+    SCHEMA_VERSION,
+    SCORE,
+    SCORE_MEAN,
+    STATUS,
+    STATUS_FORCED,
+    STATUS_OK,
+    WINNER,
+)
+from metareward.scoring import response_scores
+from metareward.storage import ArtifactInfo, ShardedArtifact, Store, read_artifact, read_manifest, write_artifact
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float], None]
+
+# Artifact names: the folder of each artifact under {root}/{run}/iter-{i}/ (docs/artifacts.md).
+PROMPTS = "prompts"
+RESPONSES = "responses"
+JUDGMENTS = "judgments"
+SCORES = "scores"
+META_TARGETS = "meta_targets"
+META_JUDGMENTS = "meta_judgments"
+ACTOR_PAIRS = "actor_pairs"
+ELO = "elo"
+JUDGE_PAIRS = "judge_pairs"
+TRAIN = "train"
+SUMMARY = "summary"
+
+# Sampling seeds are kept below 2**31: every backend (torch, numpy, vLLM) accepts them.
+_SEED_MODULUS = 2**31
+
+
+class StageResult(BaseModel):
+    """What a stage returns: where its artifacts are, their key, and a small summary.
+
+    stage: the stage's name (a key of `metareward.config.STAGE_SETTINGS`).
+    uri: the stage's main artifact (None when it wrote none: `train` without pairs).
+    uris: every artifact the stage wrote, by artifact name (judge: `judgments` and `scores`).
+    key: the main artifact's fingerprint (see the module docstring); "" when there is none.
+    summary: JSON values: counts, drops by reason, timings.
+    model: the checkpoint `train` produced (M_i); None for every other stage and for a train stage
+        that had no pairs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: str
+    uri: str | None
+    uris: dict[str, str] = Field(default_factory=dict)
+    key: str = ""
+    summary: dict[str, Any] = Field(default_factory=dict)
+    model: ModelRef | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def artifact_uri(store: Store, config: IterationConfig, name: str) -> str:
+    """`{root}/{run}/iter-{i}/{name}`: where the artifact `name` of this iteration lives."""
+    return store.stage_uri(config.run, config.iteration, name)
+
+
+def artifact_key(store: Store, uri: str) -> str:
+    """The fingerprint of the complete artifact at `uri` (from its manifest)."""
+    return str(read_manifest(store, uri)["fingerprint"])
+
+
+def _fingerprint(stage: str, config: IterationConfig, checkpoint_sha256: str | None, upstream_keys: Mapping[str, str], part: str = "") -> str:
+    payload = {
+        "stage": stage,
+        "artifact": part,
+        "schema_version": SCHEMA_VERSION,
+        "checkpoint_sha256": checkpoint_sha256,
+        "settings": config.stage_settings(stage),
+        "upstream": dict(upstream_keys),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _artifact_info(
+    stage: str,
+    part: str,
+    config: IterationConfig,
+    model: ModelRef | None,
+    upstream: Mapping[str, str],
+    upstream_keys: Mapping[str, str],
+) -> ArtifactInfo:
+    sha256 = model.sha256 if model is not None else None
+    return ArtifactInfo(
+        stage=stage,
+        schema_version=SCHEMA_VERSION,
+        fingerprint=_fingerprint(stage, config, sha256, upstream_keys, part),
+        checkpoint_sha256=sha256,
+        config=config.stage_settings(stage),
+        upstream=dict(upstream),
+    )
+
+
+def _read_inputs(store: Store, uris: Mapping[str, str]) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """The tables of complete upstream artifacts and their keys, by role."""
+    tables, keys = {}, {}
+    for role, uri in uris.items():
+        tables[role] = read_artifact(store, uri)
+        keys[role] = artifact_key(store, uri)
+    return tables, keys
+
+
+def shard_seed(config: IterationConfig, stage: str, shard: int, purpose: str = "sample") -> int:
+    """The sampling seed of one shard: a stable hash of (run seed, iteration, stage, purpose, shard)."""
+    return tie_break_key(config.seed, f"iter-{config.iteration}/{stage}/{purpose}/shard-{shard}") % _SEED_MODULUS
+
+
+def shard_prompt_ids(prompts: pd.DataFrame, shard_size: int) -> list[list[str]]:
+    """The prompt ids of each shard, in the prompts artifact's order (at least one shard)."""
+    ids = prompts[PROMPT_ID].astype(str).tolist()
+    count = max(1, math.ceil(len(ids) / shard_size))
+    return [ids[index * shard_size : (index + 1) * shard_size] for index in range(count)]
+
+
+def _fs(store: Store):
+    """The filesystem checkpoints are reached through: None (plain paths) for a local store."""
+    return None if store.protocol == "file" else store.fs
+
+
+class _LazyEngine:
+    """Loads the engine on first use, so a stage with nothing left to compute loads no model."""
+
+    def __init__(self, store: Store, config: IterationConfig, model: ModelRef):
+        self._store, self._config, self._model = store, config, model
+        self._engine: Engine | None = None
+
+    def __call__(self) -> Engine:
+        if self._engine is None:
+            from metareward.engines import load_engine
+
+            self._engine = load_engine(self._config.engine, self._model, fs=_fs(self._store))
+        return self._engine
+
+
+def _run_shards(
+    store: Store,
+    uri: str,
+    shards: Sequence[Any],
+    info: ArtifactInfo,
+    compute: Callable[[int, Any], pd.DataFrame],
+    key_columns: Sequence[str],
+    progress: ProgressCallback | None,
+) -> tuple[pd.DataFrame, dict[str, Any], int]:
+    """Write every pending shard (`compute(index, shard)`), finalize, and return (table, manifest,
+    number of shards computed by this call)."""
+    artifact = ShardedArtifact(store, uri, len(shards), info)
+    pending = artifact.pending_shards()
+    done = len(shards) - len(pending)
+    _report(progress, done, len(shards))
+    for index in pending:
+        started = time.perf_counter()
+        table = compute(index, shards[index])
+        artifact.write_shard(index, table, seconds=time.perf_counter() - started)
+        done += 1
+        _report(progress, done, len(shards))
+        logger.info("%s: shard %d of %d committed (%d rows)", uri, index + 1, len(shards), len(table))
+    manifest = artifact.finalize(key_columns=list(key_columns))
+    return artifact.read(), manifest, len(pending)
+
+
+def _report(progress: ProgressCallback | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done / total if total else 1.0)
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _counts(values: pd.Series, known: Sequence[str]) -> dict[str, int]:
+    counted = Counter(values.astype(str))
+    return {value: int(counted.get(value, 0)) for value in known} | {
+        value: int(count) for value, count in counted.items() if value not in known
+    }
+
+
+def _empty(columns: Sequence[str], dtypes: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """A shard without rows, with the artifact's columns (text unless `dtypes` says otherwise)."""
+    dtypes = dtypes or {}
+    return pd.DataFrame({column: pd.Series(dtype=dtypes.get(column, "str")) for column in columns})
+
+
+def _no_cap(cap: int) -> int | None:
+    """Caps are 0 for "no cap" in the config, None in the core functions."""
+    return cap if cap > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_prompts
+
+
+def sample_prompts(store: Store, config: IterationConfig) -> StageResult:
+    """Iteration i's prompts from the configured pool (`prompts.source`), seeded and, by default,
+    without replacement across iterations; the held-out slice is never sampled. Writes `prompts`."""
+    stage = "sample_prompts"
+    pool = prompt_sources.load_prompt_pool(config.prompts.source, store=store)
+    sample = prompt_sources.sample_prompts(
+        pool,
+        iteration=config.iteration,
+        per_iteration=config.prompts.per_iteration,
+        seed=config.seed,
+        holdout_fraction=config.prompts.holdout_fraction,
+        without_replacement=config.prompts.without_replacement,
+        earlier_sizes=config.earlier_prompts_per_iteration,
+    )
+    n_heldout = len(prompt_sources.heldout_prompts(pool, config.seed, config.prompts.holdout_fraction))
+    # The pool's content is part of the key: the same source path with other prompts is another input.
+    pool_digest = hashlib.sha256(
+        "\n".join(f"{pid}\t{text}" for pid, text in zip(pool[PROMPT_ID], pool[PROMPT])).encode("utf-8")
+    ).hexdigest()
+    uri = artifact_uri(store, config, PROMPTS)
+    info = _artifact_info(stage, PROMPTS, config, None, {}, {"pool": pool_digest})
+    table = sample[list(PROMPTS_COLUMNS)].reset_index(drop=True)
+    manifest = write_artifact(store, uri, table, info)
+    summary = {
+        "prompts": len(table),
+        "pool": len(pool),
+        "heldout": n_heldout,
+        "pass": int(sample.attrs.get("pass", 0)),
+        "source": config.prompts.source,
+    }
+    return StageResult(stage=stage, uri=uri, uris={PROMPTS: uri}, key=manifest["fingerprint"], summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate (the actor)
+
+
+def response_id_of(iteration: int, prompt_id: str, sample: int) -> str:
+    """A response id unique across the run: iteration, prompt and sample number."""
+    return f"it{iteration}-{prompt_id}-r{sample}"
+
+
+def generate(
+    store: Store,
+    config: IterationConfig,
+    model: ModelRef,
+    prompts_uri: str,
+    progress: ProgressCallback | None = None,
+) -> StageResult:
+    """The actor: `actor.k` responses per prompt, sampled per shard with a derived seed; exact
+    duplicate responses to one prompt removed when `actor.dedup` (counted). Writes `responses`."""
+    stage = "generate"
+    tables, keys = _read_inputs(store, {PROMPTS: prompts_uri})
+    prompts = tables[PROMPTS]
+    text_of = dict(zip(prompts[PROMPT_ID].astype(str), prompts[PROMPT]))
+    shards = shard_prompt_ids(prompts, config.shard_size)
+    engine = _LazyEngine(store, config, model)
+    actor = config.actor
+
+    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
+        if not prompt_ids:
+            return _empty(RESPONSES_COLUMNS, {N_TOKENS: "int64"})
+        sampling = Sampling(
+            temperature=actor.temperature,
+            top_p=actor.top_p,
+            max_tokens=actor.max_tokens,
+            seed=shard_seed(config, stage, index),
+        )
+        completions = engine().generate([_user(text_of[pid]) for pid in prompt_ids], sampling, n=actor.k)
+        rows = [
+            (pid, response_id_of(config.iteration, pid, sample), completion.text, completion.n_tokens, completion.finish_reason)
+            for pid, samples in zip(prompt_ids, completions)
+            for sample, completion in enumerate(samples)
+        ]
+        table = pd.DataFrame(rows, columns=list(RESPONSES_COLUMNS)).astype({N_TOKENS: "int64"})
+        if actor.dedup:
+            table = actor_pair_rules.drop_duplicate_responses(table, seed=config.seed).reset_index(drop=True)
+        return table
+
+    uri = artifact_uri(store, config, RESPONSES)
+    info = _artifact_info(stage, RESPONSES, config, model, {PROMPTS: prompts_uri}, keys)
+    responses, manifest, computed = _run_shards(store, uri, shards, info, compute, [RESPONSE_ID], progress)
+    generated = len(prompts) * actor.k
+    summary = {
+        "prompts": len(prompts),
+        "generated": generated,
+        "responses": len(responses),
+        "dropped": {"duplicate_text": generated - len(responses)},
+        "finish_reasons": _counts(responses[FINISH_REASON], ("stop", "length")),
+        "mean_response_chars": float(responses[RESPONSE].str.len().mean()) if len(responses) else None,
+        "shards": len(shards),
+        "shards_computed": computed,
+    }
+    return StageResult(stage=stage, uri=uri, uris={RESPONSES: uri}, key=manifest["fingerprint"], summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# judge
+
+
+def judgment_id_of(response_id: str, sample: int) -> str:
+    return f"{response_id}-j{sample}"
+
+
+def _force_verdicts(
+    engine: Engine,
+    conversations: Sequence[Conversation],
+    texts: Sequence[str],
+    kind: parsing.VerdictKind,
+    temperature: float,
+    seed: int,
+) -> tuple[list[str], list[str]]:
+    """(chosen option, completed text) for each failed verdict: the text cut before its last
+    verdict line, continued with the verdict prefix and the model's own pick among the options."""
+    prefix, options = (SCORE_PREFIX, SCORE_OPTIONS) if kind == "score" else (WINNER_PREFIX, WINNER_OPTIONS)
+    continued = [
+        [*conversation, {"role": "assistant", "content": parsing.cut_before_verdict(text, kind)}]
+        for conversation, text in zip(conversations, texts)
+    ]
+    choices = engine.choose(continued, prefix, options, temperature, seed=seed)
+    picked = [choice.option for choice in choices]
+    return picked, [parsing.complete_verdict(text, kind, option) for text, option in zip(texts, picked)]
+
+
+def judge(
+    store: Store,
+    config: IterationConfig,
+    model: ModelRef,
+    prompts_uri: str,
+    responses_uri: str,
+    progress: ProgressCallback | None = None,
+) -> StageResult:
+    """The judge: `judge.n` judgments per response with the spec's rubric, scores parsed from the
+    judgment text only (forced where parsing fails in `forced` mode). Writes `judgments` and the
+    per-response `scores` table."""
+    stage = "judge"
+    tables, keys = _read_inputs(store, {PROMPTS: prompts_uri, RESPONSES: responses_uri})
+    prompts, responses = tables[PROMPTS], tables[RESPONSES]
+    text_of = dict(zip(prompts[PROMPT_ID].astype(str), prompts[PROMPT]))
+    shards = shard_prompt_ids(prompts, config.shard_size)
+    engine = _LazyEngine(store, config, model)
+    settings = config.judge
+
+    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
+        batch = responses[responses[PROMPT_ID].isin(prompt_ids)]
+        if batch.empty:
+            return _empty(JUDGMENTS_COLUMNS, {SCORE: "float64"})
+        conversations = [_user(render_judge_prompt(text_of[pid], text)) for pid, text in zip(batch[PROMPT_ID], batch[RESPONSE])]
+        sampling = Sampling(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_tokens,
+            seed=shard_seed(config, stage, index),
+        )
+        completions = engine().generate(conversations, sampling, n=settings.n)
+        rows, row_conversations = [], []
+        for (pid, rid), conversation, samples in zip(zip(batch[PROMPT_ID], batch[RESPONSE_ID]), conversations, completions):
+            for sample, completion in enumerate(samples):
+                rows.append((pid, rid, judgment_id_of(rid, sample), completion.text, completion.finish_reason))
+                row_conversations.append(conversation)
+        table = pd.DataFrame(rows, columns=[PROMPT_ID, RESPONSE_ID, JUDGMENT_ID, JUDGMENT, FINISH_REASON])
+        # Only the judge's own text is parsed: the prompt and the response are not in this column.
+        parsed = parsing.parse_scores(table[JUDGMENT])
+        table[SCORE] = parsed[SCORE].to_numpy(dtype=np.float64)
+        table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
+        if config.verdict_mode == "forced":
+            failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
+            if len(failed):
+                options, texts = _force_verdicts(
+                    engine(),
+                    [row_conversations[row] for row in failed],
+                    table[JUDGMENT].to_numpy()[failed].tolist(),
+                    "score",
+                    settings.temperature,
+                    shard_seed(config, stage, index, purpose="forced"),
+                )
+                table.loc[failed, JUDGMENT] = texts
+                table.loc[failed, SCORE] = [float(option) for option in options]
+                table.loc[failed, STATUS] = STATUS_FORCED
+        return table[list(JUDGMENTS_COLUMNS)]
+
+    uri = artifact_uri(store, config, JUDGMENTS)
+    upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri}
+    info = _artifact_info(stage, JUDGMENTS, config, model, upstream, keys)
+    judgments, manifest, computed = _run_shards(store, uri, shards, info, compute, [JUDGMENT_ID], progress)
+
+    scores = response_scores(judgments)
+    scores_uri = artifact_uri(store, config, SCORES)
+    scores_info = _artifact_info(stage, SCORES, config, model, {JUDGMENTS: uri}, {JUDGMENTS: manifest["fingerprint"]})
+    write_artifact(store, scores_uri, scores, scores_info)
+
+    per_response = judgments.groupby(RESPONSE_ID).size()
+    valid = judgments[STATUS].isin([STATUS_OK, STATUS_FORCED])
+    summary = {
+        "responses": len(responses),
+        "judgments": len(judgments),
+        "judgments_per_response": {"min": int(per_response.min()), "max": int(per_response.max())} if len(per_response) else {},
+        "statuses": _counts(judgments[STATUS], JUDGMENT_STATUSES),
+        "forced_fraction": float((judgments[STATUS] == STATUS_FORCED).mean()) if len(judgments) else 0.0,
+        "mean_score": float(judgments.loc[valid, SCORE].mean()) if valid.any() else None,
+        "responses_without_valid_score": int((scores[N_VALID] == 0).sum()),
+        "finish_reasons": _counts(judgments[FINISH_REASON], ("stop", "length")),
+        "shards": len(shards),
+        "shards_computed": computed,
+    }
+    return StageResult(
+        stage=stage, uri=uri, uris={JUDGMENTS: uri, SCORES: scores_uri}, key=manifest["fingerprint"], summary=summary
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# meta_judge
+
+
+def meta_judge(
+    store: Store,
+    config: IterationConfig,
+    model: ModelRef,
+    prompts_uri: str,
+    responses_uri: str,
+    judgments_uri: str,
+    progress: ProgressCallback | None = None,
+) -> StageResult:
+    """The meta-judge: per prompt, the response whose valid judgment scores vary most; every pair of
+    its valid judgments compared in both orders (N(N-1) calls per prompt); the winner parsed, or
+    forced in `forced` mode. Writes `meta_targets` and `meta_judgments`. Only run in iterations
+    that train judge pairs (`pairs.train_judge_pairs`)."""
+    stage = "meta_judge"
+    upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri, JUDGMENTS: judgments_uri}
+    tables, keys = _read_inputs(store, upstream)
+    prompts, responses, judgments = tables[PROMPTS], tables[RESPONSES], tables[JUDGMENTS]
+
+    targets = meta.select_meta_targets(judgments, seed=config.seed)
+    target_drops = dict(targets.attrs.get("dropped", {}))
+    targets_uri = artifact_uri(store, config, META_TARGETS)
+    targets_info = _artifact_info(stage, META_TARGETS, config, model, upstream, keys)
+    write_artifact(store, targets_uri, targets, targets_info)
+    plan = meta.plan_comparisons(judgments, targets)
+
+    prompt_text = dict(zip(prompts[PROMPT_ID].astype(str), prompts[PROMPT]))
+    response_text = dict(zip(responses[RESPONSE_ID], responses[RESPONSE]))
+    judgment_text = dict(zip(judgments[JUDGMENT_ID], judgments[JUDGMENT]))
+    shards = shard_prompt_ids(prompts, config.shard_size)
+    engine = _LazyEngine(store, config, model)
+    settings = config.meta_judge
+
+    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
+        batch = plan[plan[PROMPT_ID].isin(prompt_ids)].reset_index(drop=True)
+        if batch.empty:
+            return _empty(META_JUDGMENTS_COLUMNS)
+        conversations = [
+            _user(render_meta_judge_prompt(prompt_text[pid], response_text[rid], judgment_text[a], judgment_text[b]))
+            for pid, rid, a, b in batch[list(COMPARISONS_COLUMNS)].itertuples(index=False)
+        ]
+        sampling = Sampling(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_tokens,
+            seed=shard_seed(config, stage, index),
+        )
+        completions = engine().generate(conversations, sampling, n=1)
+        table = batch.copy()
+        table[META_JUDGMENT] = [samples[0].text for samples in completions]
+        parsed = parsing.parse_winners(table[META_JUDGMENT])
+        table[WINNER] = parsed[WINNER].to_numpy(dtype=object)
+        table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
+        if config.verdict_mode == "forced":
+            failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
+            if len(failed):
+                options, texts = _force_verdicts(
+                    engine(),
+                    [conversations[row] for row in failed],
+                    table[META_JUDGMENT].to_numpy()[failed].tolist(),
+                    "winner",
+                    settings.temperature,
+                    shard_seed(config, stage, index, purpose="forced"),
+                )
+                table.loc[failed, META_JUDGMENT] = texts
+                table.loc[failed, WINNER] = [WINNER_OF_OPTION[option] for option in options]
+                table.loc[failed, STATUS] = STATUS_FORCED
+        return table[list(META_JUDGMENTS_COLUMNS)]
+
+    uri = artifact_uri(store, config, META_JUDGMENTS)
+    info = _artifact_info(
+        stage, META_JUDGMENTS, config, model, {**upstream, META_TARGETS: targets_uri}, {**keys, META_TARGETS: targets_info.fingerprint}
+    )
+    meta_judgments, manifest, computed = _run_shards(
+        store, uri, shards, info, compute, [JUDGMENT_A_ID, JUDGMENT_B_ID], progress
+    )
+    winners = meta_judgments[WINNER]
+    summary = {
+        "prompts": len(prompts),
+        "targets": len(targets),
+        "dropped": target_drops,
+        "comparisons": len(plan),
+        "meta_judgments": len(meta_judgments),
+        "statuses": _counts(meta_judgments[STATUS], META_STATUSES),
+        "forced_fraction": float((meta_judgments[STATUS] == STATUS_FORCED).mean()) if len(meta_judgments) else 0.0,
+        "win_1st": int((winners == "A").sum()),
+        "win_2nd": int((winners == "B").sum()),
+        "shards": len(shards),
+        "shards_computed": computed,
+    }
+    return StageResult(
+        stage=stage,
+        uri=uri,
+        uris={META_TARGETS: targets_uri, META_JUDGMENTS: uri},
+        key=manifest["fingerprint"],
+        summary=summary,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# pairs
+
+
+def actor_pairs(store: Store, config: IterationConfig, prompts_uri: str, responses_uri: str, scores_uri: str) -> StageResult:
+    """Length-controlled actor pairs (rho, `pairs.length_measure`, `pairs.max_chosen_chars`) from the
+    responses' mean scores. Writes `actor_pairs`; drops counted by reason."""
+    stage = "actor_pairs"
+    upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri, SCORES: scores_uri}
+    tables, keys = _read_inputs(store, upstream)
+    scores = tables[SCORES].set_index(RESPONSE_ID)[SCORE_MEAN]
+    responses = tables[RESPONSES].assign(**{SCORE: lambda table: table[RESPONSE_ID].map(scores).astype("float64")})
+    selected = actor_pair_rules.select_actor_pairs(
+        responses,
+        config.pairs.rho,
+        max_chosen_chars=_no_cap(config.pairs.max_chosen_chars),
+        length=config.pairs.length_measure,
+        prompts=tables[PROMPTS],
+        seed=config.seed,
+    )
+    uri = artifact_uri(store, config, ACTOR_PAIRS)
+    manifest = write_artifact(store, uri, selected, _artifact_info(stage, ACTOR_PAIRS, config, None, upstream, keys))
+    summary = {
+        "prompts": int(tables[RESPONSES][PROMPT_ID].nunique()),
+        "pairs": len(selected),
+        "dropped": dict(selected.attrs.get("dropped", {})),
+        "rho": config.pairs.rho,
+        "mean_chosen_chars": float(selected["chosen_chars"].mean()) if len(selected) else None,
+        "mean_rejected_chars": float(selected["rejected_chars"].mean()) if len(selected) else None,
+    }
+    return StageResult(stage=stage, uri=uri, uris={ACTOR_PAIRS: uri}, key=manifest["fingerprint"], summary=summary)
+
+
+def judge_pairs(
+    store: Store,
+    config: IterationConfig,
+    prompts_uri: str,
+    responses_uri: str,
+    judgments_uri: str,
+    meta_targets_uri: str,
+    meta_judgments_uri: str,
+) -> StageResult:
+    """Judge pairs from the meta-judgments: positional weights over the iteration, battle matrices,
+    Bradley-Terry Elo, highest vs lowest Elo judgment with the caps and filters of `pairs`. Writes
+    `elo` and `judge_pairs`; drops counted by reason."""
+    stage = "judge_pairs"
+    upstream = {
+        PROMPTS: prompts_uri,
+        RESPONSES: responses_uri,
+        JUDGMENTS: judgments_uri,
+        META_TARGETS: meta_targets_uri,
+        META_JUDGMENTS: meta_judgments_uri,
+    }
+    tables, keys = _read_inputs(store, upstream)
+    meta_judgments = tables[META_JUDGMENTS]
+    w1, w2 = meta.positional_weights(meta_judgments)
+    elo = meta.judgment_elo(meta_judgments, w1, w2, l2=config.pairs.elo_l2)
+    selected = meta.select_judge_pairs(
+        elo,
+        targets=tables[META_TARGETS],
+        judgments=tables[JUDGMENTS],
+        responses=tables[RESPONSES],
+        prompts=tables[PROMPTS],
+        max_chosen_chars=_no_cap(config.pairs.max_chosen_judgment_chars),
+        require_distinct_scores=config.pairs.require_distinct_judge_scores,
+        elo_tolerance=config.pairs.elo_tie_tolerance,
+        seed=config.seed,
+    )
+    elo_uri = artifact_uri(store, config, ELO)
+    write_artifact(store, elo_uri, elo, _artifact_info(stage, ELO, config, None, upstream, keys))
+    uri = artifact_uri(store, config, JUDGE_PAIRS)
+    manifest = write_artifact(store, uri, selected, _artifact_info(stage, JUDGE_PAIRS, config, None, upstream, keys))
+    summary = {
+        "targets": len(tables[META_TARGETS]),
+        "pairs": len(selected),
+        "dropped": dict(selected.attrs.get("dropped", {})),
+        "w1": w1,
+        "w2": w2,
+        "judgments_with_elo": len(elo),
+        "chosen_score_higher": int((selected["chosen_score"] > selected["rejected_score"]).sum()),
+        "chosen_longer": int((selected["chosen_chars"] > selected["rejected_chars"]).sum()),
+    }
+    return StageResult(stage=stage, uri=uri, uris={ELO: elo_uri, JUDGE_PAIRS: uri}, key=manifest["fingerprint"], summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def train(
+    store: Store,
+    config: IterationConfig,
+    model: ModelRef,
+    actor_pairs_uri: str,
+    judge_pairs_uri: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> StageResult:
+    """DPO on the union of the iteration's actor pairs and judge pairs (`judge_pairs_uri` None when
+    the iteration trains none), reference = `model` (M_{i-1}); M_i is saved at
+    `store.checkpoint_uri(run, i)` and returned in `StageResult.model`, the training metrics in the
+    `train` artifact. With no pairs at all nothing is trained: the result has `model=None` and
+    `summary["message"]` says why; the caller stops the run there."""
+    stage = "train"
+    upstream = {ACTOR_PAIRS: actor_pairs_uri} | ({JUDGE_PAIRS: judge_pairs_uri} if judge_pairs_uri else {})
+    tables, keys = _read_inputs(store, upstream)
+    union = pd.concat([tables[name] for name in upstream], ignore_index=True)
+    by_kind = {KIND_ACTOR: int((union["kind"] == KIND_ACTOR).sum()), KIND_JUDGE: int((union["kind"] == KIND_JUDGE).sum())}
+    if union.empty:
+        message = (
+            f"iteration {config.iteration} has no preference pairs (actor: 0, judge: "
+            f"{'0' if judge_pairs_uri else 'not trained'}), so there is nothing to train M{config.iteration} on; "
+            "the run stops here. The actor_pairs and judge_pairs summaries say why each prompt gave no pair."
+        )
+        logger.warning(message)
+        _report(progress, 1, 1)
+        return StageResult(stage=stage, uri=None, summary={"trained": False, "pairs": 0, "pairs_by_kind": by_kind, "message": message})
+
+    from metareward.engines import release_engines
+    from metareward.training import train_dpo
+
+    _report(progress, 0, 1)
+    # DPO holds the policy, the reference and the optimizer: the serving copy must go first.
+    release_engines()
+    result = train_dpo(
+        union[list(PAIRS_COLUMNS)],
+        base=model,
+        output_uri=store.checkpoint_uri(config.run, config.iteration),
+        config=config.training,
+        fs=_fs(store),
+    )
+    uri = artifact_uri(store, config, TRAIN)
+    manifest = write_artifact(store, uri, result.metrics, _artifact_info(stage, TRAIN, config, model, upstream, keys))
+    _report(progress, 1, 1)
+    last = result.metrics.iloc[-1].to_dict() if len(result.metrics) else {}
+    summary = {
+        "trained": True,
+        "pairs": len(union),
+        "pairs_by_kind": by_kind,
+        "pairs_used": result.n_pairs_used,
+        "pairs_used_by_kind": dict(result.n_pairs_used_by_kind),
+        "dropped": dict(result.n_pairs_dropped),
+        "truncated": result.n_pairs_truncated,
+        "steps": result.n_steps,
+        "precision": result.precision,
+        "train_seconds": result.train_seconds,
+        "final_loss": float(last["loss"]) if "loss" in last else None,
+        "checkpoint": result.model.uri,
+        "checkpoint_sha256": result.model.sha256,
+    }
+    return StageResult(stage=stage, uri=uri, uris={TRAIN: uri}, key=manifest["fingerprint"], summary=summary, model=result.model)
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+
+
+def summary(store: Store, config: IterationConfig, model: ModelRef, results: Sequence[StageResult]) -> StageResult:
+    """The iteration at a glance: one row per stage (stage, artifact URI, rows, work seconds, the
+    stage's summary as JSON) in `summary`, and the key metrics in the returned summary."""
+    stage = "summary"
+    rows, keys = [], {}
+    for result in results:
+        rows_written, seconds = None, None
+        if result.uri is not None:
+            manifest = read_manifest(store, result.uri)
+            rows_written = int(manifest["rows"])
+            timings = manifest.get("timings", {})
+            seconds = timings.get("work_seconds", timings.get("write_seconds"))
+            keys[result.stage] = result.key
+        rows.append(
+            {
+                "stage": result.stage,
+                "uri": result.uri or "",
+                "rows": rows_written,
+                "seconds": seconds,
+                "summary": json.dumps(result.summary, sort_keys=True, default=str),
+            }
+        )
+    table = pd.DataFrame(rows, columns=["stage", "uri", "rows", "seconds", "summary"]).astype({"rows": "Int64", "seconds": "float64"})
+    uri = artifact_uri(store, config, SUMMARY)
+    manifest = write_artifact(store, uri, table, _artifact_info(stage, SUMMARY, config, model, {}, keys))
+    by_stage = {result.stage: result.summary for result in results}
+    trained = by_stage.get("train", {})
+    overview = {
+        "iteration": config.iteration,
+        "base_checkpoint_sha256": model.sha256,
+        "prompts": by_stage.get("sample_prompts", {}).get("prompts"),
+        "responses": by_stage.get("generate", {}).get("responses"),
+        "duplicates_removed": by_stage.get("generate", {}).get("dropped", {}).get("duplicate_text"),
+        "judgments": by_stage.get("judge", {}).get("judgments"),
+        "judgments_forced": by_stage.get("judge", {}).get("statuses", {}).get(STATUS_FORCED),
+        "mean_score": by_stage.get("judge", {}).get("mean_score"),
+        "meta_judgments": by_stage.get("meta_judge", {}).get("meta_judgments"),
+        "meta_judgments_forced": by_stage.get("meta_judge", {}).get("statuses", {}).get(STATUS_FORCED),
+        "actor_pairs": by_stage.get("actor_pairs", {}).get("pairs"),
+        "judge_pairs": by_stage.get("judge_pairs", {}).get("pairs"),
+        "trained": bool(trained.get("trained", False)),
+        "checkpoint_sha256": trained.get("checkpoint_sha256"),
+        "final_loss": trained.get("final_loss"),
+    }
+    return StageResult(stage=stage, uri=uri, uris={SUMMARY: uri}, key=manifest["fingerprint"], summary=overview)
