@@ -38,6 +38,7 @@ import httpx
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
 from metareward.engines.vllm import (
+    check_open_assistant_turns,
     finish_reason,
     pick_option,
     plan_option_scoring,
@@ -230,6 +231,7 @@ class OpenAIEngine:
         if temperature < 0:
             raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
         request_seed(seed, 0)
+        check_open_assistant_turns(conversations)
         tokenizer = self._get_tokenizer()
 
         def encode(text: str) -> list[int]:

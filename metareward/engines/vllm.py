@@ -8,8 +8,8 @@ on its main thread), sends it `generate`/`choose` requests over a socket and get
 The engine cache (`metareward.engines.load_engine`, keyed by backend and checkpoint sha256) keeps
 the proxy, so the actor, judge and meta-judge stages of an iteration share one loaded model;
 `close()` ends the child and its whole process group, which frees all its (GPU) memory, before
-training. The child also watches its parent and kills its process group when the parent is gone,
-so a crashed or killed pipeline leaves no process holding a GPU.
+training. The child also watches its parent and ends itself and vLLM's processes when the parent
+is gone, so a crashed or killed pipeline leaves no process holding a GPU.
 
 Requests are batched: one `generate` call is one `LLM.chat` call over all its conversations (one
 `SamplingParams` per conversation, `n` samples each), and one `choose` call is one `LLM.generate`
@@ -59,8 +59,12 @@ logger = logging.getLogger(__name__)
 MAX_TOKEN_IDS_PER_STEP = 128
 # How long close() waits for the child to shut vLLM down before killing its process group.
 CLOSE_GRACE_S = 60.0
-# How often the child checks that its parent is still alive.
+# How long close() waits for the killed processes to be gone.
+GROUP_EXIT_WAIT_S = 10.0
+# How often the child checks that its parent is still alive, and how long vLLM's processes get to
+# shut down once it is gone.
 PARENT_CHECK_INTERVAL_S = 0.5
+PARENT_GONE_GRACE_S = 5.0
 
 
 class EngineProcessError(RuntimeError):
@@ -80,14 +84,21 @@ def request_seed(seed: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint32)[0])
 
 
+def check_open_assistant_turns(conversations: Sequence[Conversation]) -> None:
+    """`choose` continues the final assistant message of each conversation: refuse any without one."""
+    for index, conversation in enumerate(conversations):
+        if not conversation or conversation[-1].get("role") != "assistant":
+            role = conversation[-1].get("role") if conversation else None
+            raise ValueError(
+                f"choose: conversation {index} must end with an assistant message (possibly empty) that the "
+                f"model continues; it ends with role {role!r}"
+            )
+
+
 def render_choice_context(tokenizer: Any, conversation: Conversation, prefix: str) -> str:
     """The text the model continues in `choose`: the chat template applied to `conversation` with
     its final assistant message left open (`continue_final_message`), followed by `prefix`."""
-    if not conversation or conversation[-1].get("role") != "assistant":
-        raise ValueError(
-            "choose: every conversation must end with an assistant message (possibly empty) that the "
-            f"model continues; got one ending with role {conversation[-1].get('role') if conversation else None!r}"
-        )
+    check_open_assistant_turns([conversation])
     text = tokenizer.apply_chat_template(
         [dict(message) for message in conversation],
         tokenize=False,
@@ -254,6 +265,16 @@ def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: floa
         process.kill()
     process.wait()
     connection.close()
+    # A killed process holding gigabytes takes a moment to go; return once the group is empty, so
+    # the memory is free when close() returns (training comes next).
+    deadline = time.monotonic() + GROUP_EXIT_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+    logger.warning("vllm engine: processes of group %d still exist %.0f s after close", process.pid, GROUP_EXIT_WAIT_S)
 
 
 class VLLMEngine:
@@ -350,6 +371,7 @@ class VLLMEngine:
         if temperature < 0:
             raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
         request_seed(seed, 0)
+        check_open_assistant_turns(conversations)
         conversations = [[dict(message) for message in conversation] for conversation in conversations]
         if not conversations:
             return []
@@ -370,10 +392,28 @@ class VLLMEngine:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Kill this process group as soon as the parent is gone (reparenting changes our ppid)."""
+    """End this child and everything vLLM started as soon as the parent is gone (reparenting
+    changes our ppid): SIGTERM first, so vLLM's processes shut down and release their shared
+    memory, SIGKILL after a grace period. Python's resource tracker ignores SIGTERM and is left to
+    exit by itself once we are gone (it unlinks leaked shared-memory segments on its way out)."""
+    import psutil  # a dependency of vLLM
+
     while os.getppid() == parent_pid:
         time.sleep(PARENT_CHECK_INTERVAL_S)
-    os.killpg(os.getpgid(0), signal.SIGKILL)
+    descendants = psutil.Process().children(recursive=True)
+    for process in descendants:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(descendants, timeout=PARENT_GONE_GRACE_S)
+    for process in alive:
+        try:
+            if not any("resource_tracker" in part for part in process.cmdline()):
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os._exit(1)
 
 
 class _ChildServer:
