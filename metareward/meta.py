@@ -376,43 +376,45 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
 def _bradley_terry(battles: np.ndarray, l2: float, max_iterations: int, tolerance: float, target_ids: pd.Index) -> np.ndarray:
     """Strengths e (targets x N) maximising, for every target at once,
     sum_{m,n} B[m,n] log sigmoid(e_m - e_n) - l2/2 * |e|^2. Newton's method with a per-target
-    backtracking line search (the objective is strictly concave, so this converges from e = 0).
-    Padding rows and columns of B are zero; their strengths stay exactly 0."""
+    backtracking line search (the objective is strictly concave, so this converges from e = 0);
+    a target leaves the batch once its step is below `tolerance`. Padding rows and columns of B
+    are zero; their strengths stay exactly 0."""
     n_targets, size, _ = battles.shape
-    transposed = battles.transpose(0, 2, 1)
-    total = battles + transposed
     identity = np.eye(size)
 
-    def objective(strengths: np.ndarray) -> np.ndarray:
+    def objective(matrices: np.ndarray, strengths: np.ndarray) -> np.ndarray:
         gaps = strengths[:, :, None] - strengths[:, None, :]
-        return (battles * _log_sigmoid(gaps)).sum(axis=(1, 2)) - 0.5 * l2 * (strengths * strengths).sum(axis=1)
+        return (matrices * _log_sigmoid(gaps)).sum(axis=(1, 2)) - 0.5 * l2 * (strengths * strengths).sum(axis=1)
 
     strengths = np.zeros((n_targets, size))
-    value = objective(strengths)
+    values = objective(battles, strengths)
+    active = np.arange(n_targets)
     for _ in range(max_iterations):
-        gaps = strengths[:, :, None] - strengths[:, None, :]
+        matrices, current, value = battles[active], strengths[active], values[active]
+        transposed = matrices.transpose(0, 2, 1)
+        gaps = current[:, :, None] - current[:, None, :]
         win_probability = 0.5 * (1.0 + np.tanh(0.5 * gaps))
-        gradient = (battles * (1.0 - win_probability) - transposed * win_probability).sum(axis=2) - l2 * strengths
-        curvature = total * win_probability * (1.0 - win_probability)
+        gradient = (matrices * (1.0 - win_probability) - transposed * win_probability).sum(axis=2) - l2 * current
+        curvature = (matrices + transposed) * win_probability * (1.0 - win_probability)
         # -Hessian = graph Laplacian of the curvatures + l2 * I: symmetric positive definite.
         negative_hessian = identity * (curvature.sum(axis=2) + l2)[:, :, None] - curvature
         step = np.linalg.solve(negative_hessian, gradient[:, :, None])[:, :, 0]
         slope = (gradient * step).sum(axis=1)
-        scale = np.ones(n_targets)
+        scale = np.ones(len(active))
         for _ in range(60):
-            candidate = strengths + scale[:, None] * step
-            candidate_value = objective(candidate)
+            candidate = current + scale[:, None] * step
+            candidate_value = objective(matrices, candidate)
             # Armijo test, with slack for rounding: near the optimum the gain is below float resolution.
             accepted = candidate_value - value >= 1e-4 * scale * slope - 1e-13 * (1.0 + np.abs(value))
             if accepted.all():
                 break
             scale = np.where(accepted, scale, 0.5 * scale)
-        strengths = np.where(accepted[:, None], candidate, strengths)
-        value = np.where(accepted, candidate_value, value)
-        if np.abs(scale[:, None] * step).max() <= tolerance:
+        strengths[active] = np.where(accepted[:, None], candidate, current)
+        values[active] = np.where(accepted, candidate_value, value)
+        active = active[np.abs(scale[:, None] * step).max(axis=1) > tolerance]
+        if not len(active):
             return strengths
-    worst = int(np.abs(step).max(axis=1).argmax())
     raise RuntimeError(
-        f"Bradley-Terry fit did not converge in {max_iterations} Newton steps "
-        f"(slowest target: response_id {show(target_ids[worst])}); raise max_iterations or l2"
+        f"Bradley-Terry fit did not converge in {max_iterations} Newton steps for {len(active)} target(s) "
+        f"(first: response_id {show(target_ids[active[0]])}); raise max_iterations or l2"
     )

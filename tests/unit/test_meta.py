@@ -416,3 +416,9 @@ def test_empty_tables_flow_through_every_step():
     pairs = select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES, prompts=PROMPTS)
     assert pairs.empty and pairs.columns.tolist() == list(PAIRS_COLUMNS)
     assert pairs.attrs["dropped"] == dict.fromkeys(JUDGE_DROP_REASONS, 0)
+
+
+def test_an_unconverged_fit_raises_naming_the_target():
+    rows = [r for other in ("j1", "j2", "j3") for r in both_orders("j0", other)]
+    with pytest.raises(RuntimeError, match="did not converge in 1 Newton steps for 1 target\\(s\\) \\(first: response_id 'r'\\)"):
+        judgment_elo(meta_table(rows), 0.5, 0.5, max_iterations=1)
