@@ -437,6 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judgments", type=int, default=11)
     args = parser.parse_args(argv)
 
+    # Warm-up on a small input (imports, lazy initialisation), not timed.
+    small = make_tables(20, args.responses, args.judgments)
+    warm = fast_first_half(*small, Timer())
+    small_meta = make_meta_judgments(warm["plan"], warm["judgments"], small[1])
+    fast_second_half(*small[:2], warm["judgments"], warm["targets"], small_meta, Timer())
+    warm_reference = reference_first_half(*small, Timer())
+    reference_second_half(*small[:2], warm_reference["judgments"], warm_reference["targets"], small_meta, Timer())
+
     start = time.perf_counter()
     prompts, responses, judgments = make_tables(args.prompts, args.responses, args.judgments)
     print(f"input: {len(prompts):,} prompts, {len(responses):,} responses, {len(judgments):,} judgments "

@@ -98,8 +98,12 @@ def select_meta_targets(judgments: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     has_two = scores[N_VALID].to_numpy() >= 2
     variance = scores[SCORE_VAR].to_numpy()
     eligible = np.flatnonzero(has_two & (variance > 0))
+    # Only responses tied at their prompt's highest variance can need a tie-break key.
+    highest = np.full(n_prompts, -np.inf)
+    np.maximum.at(highest, prompt_codes[eligible], variance[eligible])
+    eligible = eligible[variance[eligible] == highest[prompt_codes[eligible]]]
     keys = tie_break_keys(seed, scores[RESPONSE_ID].to_numpy()[eligible])
-    best = first_per_group(prompt_codes[eligible], (keys, -variance[eligible]), eligible, n_prompts)
+    best = first_per_group(prompt_codes[eligible], (keys,), eligible, n_prompts)
 
     any_two = np.bincount(prompt_codes[has_two], minlength=n_prompts) > 0
     chosen = best >= 0
@@ -267,7 +271,9 @@ def select_judge_pairs(
     require_no_nulls(elo, ELO_COLUMNS, "elo")
     require_unique(elo, JUDGMENT_ID, "elo")
     require_columns(judgments, (JUDGMENT_ID, JUDGMENT, SCORE), "judgments")
-    require_unique(judgments, JUDGMENT_ID, "judgments")
+    judgment_index = pd.Index(judgments[JUDGMENT_ID])
+    if not judgment_index.is_unique:  # its hash table then serves the lookups below
+        require_unique(judgments, JUDGMENT_ID, "judgments")
     require_columns(responses, (RESPONSE_ID, RESPONSE), "responses")
     require_unique(responses, RESPONSE_ID, "responses")
     require_columns(prompts, (PROMPT_ID, PROMPT), "prompts")
@@ -284,12 +290,14 @@ def select_judge_pairs(
         raise SchemaError(f"elo: response_id {show(elo[RESPONSE_ID].to_numpy()[target_codes < 0][0])} is not a meta-judge target")
     values = elo[ELO].to_numpy(dtype=np.float64)
     rows = np.arange(len(elo))
-    keys = tie_break_keys(seed, elo[JUDGMENT_ID].to_numpy())
     top = np.full(n_targets, -np.inf)
     bottom = np.full(n_targets, np.inf)
     np.maximum.at(top, target_codes, values)
     np.minimum.at(bottom, target_codes, values)
     near_top = values >= top[target_codes] - elo_tolerance
+    keys = np.zeros(len(elo), dtype=np.uint64)  # hashed only near the top or bottom, where ties are broken
+    near_an_end = near_top | (values <= bottom[target_codes] + elo_tolerance)
+    keys[near_an_end] = tie_break_keys(seed, elo[JUDGMENT_ID].to_numpy()[near_an_end])
     chosen_row = first_per_group(target_codes[near_top], (keys[near_top],), rows[near_top], n_targets)
     # The chosen judgment is never also the rejected one (possible when top - bottom <= 2 * tolerance).
     near_bottom = (values <= bottom[target_codes] + elo_tolerance) & (rows != chosen_row[target_codes])
@@ -308,7 +316,7 @@ def select_judge_pairs(
     live = np.flatnonzero(remaining)
     elo_ids = elo[JUDGMENT_ID].to_numpy()
     live_ids = elo_ids[np.r_[chosen_row[live], rejected_row[live]]]
-    position = pd.Index(judgments[JUDGMENT_ID]).get_indexer(live_ids)
+    position = judgment_index.get_indexer(live_ids)
     if (position < 0).any():
         raise SchemaError(f"judgments: no row for judgment_id {show(live_ids[position < 0][0])} of the elo table")
     chosen_position, rejected_position = position[: len(live)], position[len(live) :]

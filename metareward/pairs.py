@@ -113,7 +113,9 @@ def select_actor_pairs(
     in_top = row_scores >= top_bound[codes] - TIER_TOLERANCE
     in_bottom = row_scores <= bottom_bound[codes] + TIER_TOLERANCE
 
-    keys = tie_break_keys(seed, responses[RESPONSE_ID].to_numpy()[rows])
+    keys = np.zeros(len(rows), dtype=np.uint64)  # hashed only where a tier can need them
+    in_a_tier = in_top | in_bottom
+    keys[in_a_tier] = tie_break_keys(seed, responses[RESPONSE_ID].to_numpy()[rows[in_a_tier]])
     row_sizes = sizes[rows]
     chosen_row = first_per_group(codes[in_top], (keys[in_top], row_sizes[in_top]), rows[in_top], n_prompts)
     rejected_row = first_per_group(codes[in_bottom], (keys[in_bottom], -row_sizes[in_bottom]), rows[in_bottom], n_prompts)

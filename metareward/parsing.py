@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from metareward.prompts import SCORE_PREFIX, WINNER_PREFIX
 from metareward.schema import (
@@ -45,6 +47,20 @@ _FLAGS = re.IGNORECASE | re.ASCII | re.DOTALL
 # Greedy `.*` makes match() find the last occurrence. `[\s*_]` lets markdown sit around the colon.
 _LAST_SCORE = re.compile(r".*\bscore[\s*_]*:[\s*_]*([+-]?\d+(?:\.\d+)?)", _FLAGS)
 _LAST_WINNER_LINE = re.compile(r".*\bwinner[\s*_]*:[ \t*_]*(?:\n\s*)?([^\n]*)", _FLAGS)
+# Vectorised shortcut (`_tail_verdicts`): a verdict that ends the text in its plainest form is read
+# by RE2 over the last TAIL_BYTES bytes of the whole column at once. Each pattern matches only where
+# the greedy patterns above must give the same answer: a non-word character before the keyword
+# (the `\\b`), ASCII classes for `re.ASCII | re.IGNORECASE`, and after the verdict no letter or
+# digit, so no later verdict and no longer number can follow. Everything else takes the row path.
+_TAIL_BYTES = 48
+_SEPARATOR = r"[\t\n\x0b\x0c\r *_]"
+_SCORE_TAIL = (
+    r"[^A-Za-z0-9_][Ss][Cc][Oo][Rr][Ee]" + _SEPARATOR + r"*:" + _SEPARATOR
+    + r"*(?P<verdict>[+-]?[0-9]+(?:\.[0-9]+)?)[^A-Za-z0-9]*$"
+)
+_SCORE_WORD = r"[Ss][Cc][Oo][Rr][Ee]"
+_WINNER_WORD = r"[Ww][Ii][Nn][Nn][Ee][Rr]"
+_WINNER_TAIL = r"[^A-Za-z0-9_][Ww][Ii][Nn][Nn][Ee][Rr][ *_]*:[ *_]*Judge?ment (?P<verdict>[AB])[.*_ ]*$"
 _LABEL = re.compile(r"\bjudge?ment[\s*_\"'\[\]():]*([a-z])\b", re.IGNORECASE | re.ASCII)
 # A verdict keyword, complete or cut off by max_tokens: "Score:", "**Score**:", or "Score" at the end.
 _VERDICT_KEYWORD = {
@@ -75,10 +91,15 @@ def parse_winner(text: str | None) -> Literal["A", "B"] | None:
 def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.DataFrame:
     """Parse a whole column of judgments: columns `score` (float, NaN unless ok) and `status`
     (ok, no_score, out_of_range), on the index of `texts`. The engine stage sets `forced` later.
-    Same rules as `parse_score`, row by row."""
-    # Iterating an object array is several times faster than iterating an Arrow-backed Series.
-    matches = [_LAST_SCORE.match(text) if isinstance(text, str) else None for text in texts.to_numpy(dtype=object)]
-    raw = np.array([float(match.group(1)) if match is not None else np.nan for match in matches], dtype=np.float64)
+    Same result as `parse_score` row by row (tested); faster (see `_tail_verdicts`)."""
+    numbers, rest = _column_verdicts(texts, _SCORE_TAIL, _SCORE_WORD)
+    shortcut = pd.notna(numbers)
+    raw = np.full(len(texts), np.nan)
+    raw[shortcut] = [float(number) for number in numbers[shortcut]]
+    for row, text in zip(rest, texts.iloc[rest].to_numpy(dtype=object)):
+        match = _LAST_SCORE.match(text) if isinstance(text, str) else None
+        if match is not None:
+            raw[row] = float(match.group(1))
     found = ~np.isnan(raw)
     in_range = found & (raw >= low) & (raw <= high)
     statuses = np.where(in_range, STATUS_OK, np.where(found, STATUS_OUT_OF_RANGE, STATUS_NO_SCORE))
@@ -89,10 +110,14 @@ def parse_scores(texts: pd.Series, low: float = 0.0, high: float = 5.0) -> pd.Da
 
 def parse_winners(texts: pd.Series) -> pd.DataFrame:
     """Parse a whole column of meta-judgments: columns `winner` ('A', 'B' or null) and `status`
-    (ok, no_verdict), on the index of `texts`. Same rules as `parse_winner`, row by row."""
-    winners = [_winner_of(text) if isinstance(text, str) else None for text in texts.to_numpy(dtype=object)]
-    decided = np.array([winner is not None for winner in winners], dtype=bool)
-    statuses = np.where(decided, STATUS_OK, STATUS_NO_VERDICT)
+    (ok, no_verdict), on the index of `texts`. Same result as `parse_winner` row by row (tested);
+    faster (see `_tail_verdicts`)."""
+    labels, rest = _column_verdicts(texts, _WINNER_TAIL, _WINNER_WORD)
+    shortcut = pd.notna(labels)
+    winners = np.full(len(texts), None, dtype=object)
+    winners[shortcut] = [label.decode("ascii") for label in labels[shortcut]]
+    winners[rest] = [_winner_of(text) if isinstance(text, str) else None for text in texts.iloc[rest].to_numpy(dtype=object)]
+    statuses = np.where(pd.notna(winners), STATUS_OK, STATUS_NO_VERDICT)
     return pd.DataFrame(
         {WINNER: pd.array(winners, dtype="str"), STATUS: pd.array(statuses, dtype="str")}, index=texts.index
     )
@@ -156,3 +181,23 @@ def _score_and_status(text: str | None, low: float, high: float) -> tuple[float,
         return score, STATUS_OUT_OF_RANGE
     return score, STATUS_OK
 
+
+
+def _column_verdicts(texts: pd.Series, tail_pattern: str, word_pattern: str) -> tuple[np.ndarray, np.ndarray]:
+    """The vectorised part of parsing a column, in two Arrow calls over the whole column:
+    - the `verdict` group of `tail_pattern` matched against the last _TAIL_BYTES bytes of every
+      text (slicing bytes is O(1) per row; RE2 scans only the tail), as bytes in an object array,
+      None where the shortcut does not apply;
+    - the rows that need the row-by-row path: no shortcut, and the verdict keyword somewhere in the
+      text (`word_pattern`, ASCII classes: a superset of where the row regex can match). The other
+      rows have no verdict, without paying for a full regex backtrack.
+    A column holding anything but str and nulls sends every row down the row path."""
+    try:
+        column = pa.chunked_array([pa.array(texts.array, from_pandas=True)]).cast(pa.large_binary())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return np.full(len(texts), None, dtype=object), np.arange(len(texts))
+    found = pc.extract_regex(pc.binary_slice(column, -_TAIL_BYTES), tail_pattern)
+    verdicts = np.array(pc.struct_field(found, "verdict").to_pylist(), dtype=object)
+    rest = np.flatnonzero(pd.isna(verdicts))
+    has_word = pc.match_substring_regex(column.take(pa.array(rest, type=pa.int64())), word_pattern).fill_null(False)
+    return verdicts, rest[has_word.to_numpy()]

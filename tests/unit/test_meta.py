@@ -402,6 +402,8 @@ def test_judge_pair_inputs_are_checked():
         select_judge_pairs(elo, targets=targets, judgments=judgments.iloc[1:], responses=RESPONSES, prompts=PROMPTS)
     with pytest.raises(SchemaError, match="prompts: missing column\\(s\\) 'prompt'"):
         select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES, prompts=PROMPTS[["prompt_id"]])
+    with pytest.raises(SchemaError, match="judgments: column 'judgment_id' must be unique; 'j0' occurs on 2 rows"):
+        select_judge_pairs(elo, targets=targets, judgments=pd.concat([judgments, judgments.iloc[:1]]), responses=RESPONSES, prompts=PROMPTS)
     with pytest.raises(SchemaError, match="responses: no text for 'r'"):
         select_judge_pairs(elo, targets=targets, judgments=judgments, responses=RESPONSES.iloc[1:], prompts=PROMPTS)
 
@@ -422,3 +424,25 @@ def test_an_unconverged_fit_raises_naming_the_target():
     rows = [r for other in ("j1", "j2", "j3") for r in both_orders("j0", other)]
     with pytest.raises(RuntimeError, match="did not converge in 1 Newton steps for 1 target\\(s\\) \\(first: response_id 'r'\\)"):
         judgment_elo(meta_table(rows), 0.5, 0.5, max_iterations=1)
+
+
+@PROPERTY
+@given(tournaments(), st.integers(0, 5), st.randoms())
+def test_judge_pairs_do_not_depend_on_row_order(tournament, seed, random):
+    ids, rows, (w1, w2) = tournament
+    table = meta_table(rows)
+    judgments = pd.DataFrame({"judgment_id": ids, "judgment": [f"text {j}" for j in ids], "score": [float(i % 3) for i in range(len(ids))]})
+    targets = pd.DataFrame({"prompt_id": ["p"], "response_id": ["r"]})
+    common = dict(targets=targets, responses=RESPONSES, prompts=PROMPTS, seed=seed)
+    pairs = select_judge_pairs(judgment_elo(table, w1, w2), judgments=judgments, **common)
+    state = random.randint(0, 2**31)
+    shuffled_elo = judgment_elo(table.sample(frac=1, random_state=state), w1, w2).sample(frac=1, random_state=state)
+    again = select_judge_pairs(shuffled_elo, judgments=judgments.sample(frac=1, random_state=state), **common)
+    pd.testing.assert_frame_equal(pairs, again)
+    assert pairs.attrs == again.attrs
+    assert len(pairs) + sum(pairs.attrs["dropped"].values()) == 1
+    if len(pairs):
+        elo = elo_of(judgment_elo(table, w1, w2))
+        assert max(elo.values()) - pairs["chosen_elo"].iloc[0] <= 1e-6  # highest Elo, up to the tie tolerance
+        assert pairs["rejected_elo"].iloc[0] - min(elo.values()) <= 1e-6
+        assert pairs["chosen_elo"].iloc[0] > pairs["rejected_elo"].iloc[0]

@@ -106,8 +106,54 @@ def test_parse_winners_gives_value_and_status():
     assert parsed["status"].tolist() == ["ok", "ok", "no_verdict", "no_verdict"]
 
 
+SCORE_PIECES = dict(
+    before=st.sampled_from(["", " ", "\n", "x", "_", "\u00e9", "9", "*"]),
+    keyword=st.sampled_from(["Score", "score", "SCORE", "sCoRe", "Scor", "\u017fcore", "Underscore"]),
+    separator=st.text(alphabet=" \t\n\x0b*_", max_size=3),
+    colon=st.sampled_from([":", "", "::"]),
+    number=st.sampled_from(["4", "4.75", "-1", "+3", "7", "45", "4.", ".5", "4.5.3", "", "1e3", "\u0664", "5.0"]),
+    after=st.text(alphabet=" .*_!)\n/5a\u00e9", max_size=4),
+)
+WINNER_PIECES = dict(
+    before=st.sampled_from(["", " ", "\n", "x", "\u00e9", "*"]),
+    keyword=st.sampled_from(["Winner", "winner", "WINNER", "Winer", "Winners"]),
+    separator=st.text(alphabet=" \t\n*_", max_size=3),
+    colon=st.sampled_from([":", "", "::"]),
+    number=st.sampled_from(["Judgement A", "Judgment B", "Judgement C", "judgement a", "Judgement A | Judgement B", "Judgement AB", "Judgment  B", "Judgement"]),
+    after=st.text(alphabet=" .*_!\nAJa", max_size=4),
+)
+
+
+@st.composite
+def verdict_texts(draw, pieces):
+    """Text whose end looks like a verdict, well or badly: exercises the column shortcut's edges."""
+    parts = [draw(st.text(max_size=60))]
+    for _ in range(draw(st.integers(1, 2))):
+        parts += [draw(pieces[name]) for name in ("before", "keyword", "separator", "colon", "separator", "number", "after")]
+    return "".join(parts)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(verdict_texts(SCORE_PIECES), max_size=12), st.lists(verdict_texts(WINNER_PIECES), max_size=12))
+def test_column_parsing_agrees_with_the_scalar_functions_on_verdict_like_endings(score_texts, winner_texts):
+    scores = parse_scores(pd.Series(score_texts, dtype="str"))
+    for text, score, status in zip(score_texts, scores["score"], scores["status"]):
+        expected = parse_score(text)
+        assert (math.isnan(score) and expected is None) or score == expected, text
+        anywhere = parse_score(text, low=-math.inf, high=math.inf)
+        assert status == ("ok" if expected is not None else "out_of_range" if anywhere is not None else "no_score"), text
+    winners = parse_winners(pd.Series(winner_texts, dtype="str"))
+    for text, winner in zip(winner_texts, winners["winner"]):
+        assert (winner if isinstance(winner, str) else None) == parse_winner(text), text
+
+
 @settings(deadline=None)  # shared CPUs: timings vary too much for a per-example deadline
-@given(st.lists(st.text(alphabet=st.sampled_from(list("Score: 0123456789.-+*\nWinerJudgmt ABC")), max_size=40), max_size=20))
+@given(
+    st.lists(
+        st.one_of(st.text(alphabet=st.sampled_from(list("Score: 0123456789.-+*\nWinerJudgmt ABC\u0130\u212a")), max_size=40), st.text(max_size=40), st.none()),
+        max_size=20,
+    )
+)
 def test_vectorised_parsing_agrees_with_the_scalar_functions(texts):
     series = pd.Series(texts, dtype=object)
     scores = parse_scores(series)
