@@ -278,7 +278,7 @@ def select_judge_pairs(
     require_unique(responses, RESPONSE_ID, "responses")
     require_columns(prompts, (PROMPT_ID, PROMPT), "prompts")
     require_unique(prompts, PROMPT_ID, "prompts")
-    if max_chosen_chars is not None and (isinstance(max_chosen_chars, bool) or not isinstance(max_chosen_chars, int) or max_chosen_chars < 0):
+    if max_chosen_chars is not None and (isinstance(max_chosen_chars, bool) or not isinstance(max_chosen_chars, (int, np.integer)) or max_chosen_chars < 0):
         raise SchemaError(f"max_chosen_chars must be a non-negative int or None, got {max_chosen_chars!r}")
     if isinstance(elo_tolerance, bool) or not isinstance(elo_tolerance, (int, float)) or not elo_tolerance >= 0:
         raise SchemaError(f"elo_tolerance must be a number >= 0, got {elo_tolerance!r}")

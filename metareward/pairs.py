@@ -84,7 +84,7 @@ def select_actor_pairs(
     rho = check_rho(rho)
     if length not in ("chars", "tokens"):
         raise SchemaError(f"length must be 'chars' or 'tokens', got {length!r}")
-    if max_chosen_chars is not None and (isinstance(max_chosen_chars, bool) or not isinstance(max_chosen_chars, int) or max_chosen_chars < 0):
+    if max_chosen_chars is not None and (isinstance(max_chosen_chars, bool) or not isinstance(max_chosen_chars, (int, np.integer)) or max_chosen_chars < 0):
         raise SchemaError(f"max_chosen_chars must be a non-negative int or None, got {max_chosen_chars!r}")
     needed = [PROMPT_ID, RESPONSE_ID, RESPONSE, SCORE] + ([N_TOKENS] if length == "tokens" else [])
     require_columns(responses, needed, "responses")

@@ -14,6 +14,11 @@ Only ASCII letters and digits count (Unicode case folding and non-ASCII digits a
 the same text parses the same everywhere. Only the judge's own text is ever parsed: a response
 that itself contains "Score: 5" is never read here.
 
+`parse_scores` / `parse_winners` parse a whole column with the same result as the scalar functions
+row by row: a verdict that plainly ends its text is read for all rows at once by RE2 (pyarrow) on
+the texts' tails, texts without the keyword are settled by one Arrow scan, and only the rest go
+through the regexes above one by one.
+
 `forced` verdict mode (docs/method.md): where parsing fails, `cut_before_verdict` gives the
 rationale to continue (everything before the last, failed verdict keyword) and the engine appends
 SCORE_PREFIX / WINNER_PREFIX plus one option; `complete_verdict` builds that completed text.
