@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,7 +33,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# A pipe or a log file gets wide lines rather than tables cut to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 # Prefect reads its settings from the environment when it is imported, so these defaults are set
 # first (a value the user set wins). The temporary server needs more than the default 20 s to
@@ -48,8 +50,11 @@ _PREFECT_DEFAULTS = {
 def _prepare_prefect() -> None:
     for name, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    if os.environ.get("PREFECT_API_URL"):
-        console.print(f"Prefect API: {os.environ['PREFECT_API_URL']}")
+    from prefect.settings import get_current_settings
+
+    api_url = get_current_settings().api.url  # from the environment or the active Prefect profile
+    if api_url:
+        console.print(f"Prefect API: {api_url}")
     else:
         console.print(
             "No PREFECT_API_URL set: Prefect starts a temporary local API for this command (15-30 s). "
@@ -196,8 +201,8 @@ def _print_status(store, run: str) -> list:
         return history
     table = Table(title=f"run {run} ({store.run_uri(run)})")
     for column in (
-        "iter", "state", "checkpoint", "prompts", "responses", "judgments", "mean score",
-        "forced", "meta-judgments", "actor pairs", "judge pairs", "DPO loss",
+        "iter", "state", "checkpoint", "prompts", "responses", "judgments", "score",
+        "forced", "meta", "actor pairs", "judge pairs", "loss",
     ):
         table.add_column(column, justify="left" if column in ("state", "checkpoint") else "right")
     for record in history:
