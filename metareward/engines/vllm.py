@@ -71,6 +71,10 @@ class EngineProcessError(RuntimeError):
     """The vLLM child process failed to start, failed a request, or died."""
 
 
+class ChildRequestError(EngineProcessError):
+    """The child process answered a request with an error (its message and traceback included)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure helpers, shared with the openai backend.
 # ---------------------------------------------------------------------------------------------
@@ -330,15 +334,23 @@ class VLLMEngine:
         except (EOFError, OSError) as error:
             raise EngineProcessError(f"vllm engine: lost the child process while {what} ({error!r})") from error
         if status == "error":
-            raise EngineProcessError(f"vllm engine: {what} failed in the child process: {payload}")
+            raise ChildRequestError(f"vllm engine: {what} failed in the child process: {payload}")
         return payload
 
     def _request(self, what: str, message: dict[str, Any]) -> Any:
         with self._lock:
             if not self._finalizer.alive:
                 raise EngineProcessError(f"vllm engine: {what} after close()")
-            self._connection.send(message)
-            return self._receive(what)
+            try:
+                self._connection.send(message)
+                return self._receive(what)
+            except ChildRequestError:
+                raise  # the child answered (with an error): it is ready for the next request
+            except BaseException:
+                # Interrupted mid-request (or the child died): a reply may still be on its way, so
+                # the conversation is out of step. End the child; a new engine starts a fresh one.
+                self._finalizer()
+                raise
 
     def generate(self, conversations: Sequence[Conversation], sampling: Sampling, n: int) -> list[list[Completion]]:
         """n completions per conversation (one vLLM call for all), in input order."""
