@@ -114,13 +114,13 @@ def test_seeded_generate_repeats_exactly(engine):
         [{"role": "user", "content": "Tell me a fun fact about cats, please, in one sentence."}],
         [{"role": "user", "content": "Hi!"}],
     ]
-    sampling = Sampling(temperature=1.0, top_p=0.95, max_tokens=12, seed=123)
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_tokens=8, seed=123)
     state_before = torch.get_rng_state()
     first = engine.generate(conversations, sampling, n=2)
     assert torch.equal(torch.get_rng_state(), state_before)  # the caller's random state is left alone
     torch.manual_seed(999)  # whatever the global state, the call's own seed decides
     assert engine.generate(conversations, sampling, n=2) == first
-    other_seed = engine.generate(conversations, Sampling(temperature=1.0, top_p=0.95, max_tokens=12, seed=124), n=2)
+    other_seed = engine.generate(conversations, Sampling(temperature=1.0, top_p=0.95, max_tokens=8, seed=124), n=2)
     assert other_seed != first
 
 
