@@ -50,6 +50,7 @@ TEST_CONFIG = TrainingConfig(
     lr_scheduler_type="constant",
     max_steps=2,
     per_device_train_batch_size=4,
+    gradient_accumulation_steps=1,
     max_length=MAX_LENGTH,
     logging_steps=1,
     seed=0,
