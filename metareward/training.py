@@ -343,7 +343,8 @@ def fit_dpo(model_dir: Path, examples: list[dict[str, Any]], config: TrainingCon
     The policy and the reference are both loaded by TRL from `model_dir` (TRL 1.16: with
     `ref_model=None` and full fine-tuning it builds the reference with `from_pretrained` on the
     policy's own path, with the same loading arguments), so reference = the base checkpoint.
-    `work_dir` is the trainer's output folder (nothing is written there with the fixed settings).
+    `work_dir` is the trainer's output folder (with `save_strategy="no"` it writes no trainer
+    checkpoints there).
     """
     from datasets import Dataset
     from transformers import AutoTokenizer

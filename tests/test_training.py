@@ -184,6 +184,14 @@ def test_truncate_mode_keeps_long_pairs_and_counts_them(seed_dir: Path) -> None:
     assert set(prepared.n_dropped) == set(DROP_REASONS)
 
 
+@pytest.mark.model
+def test_no_trainable_pair_left_raises_with_counts(seed_ref: ModelRef, tmp_path: Path) -> None:
+    output = tmp_path / "model"
+    with pytest.raises(ValueError, match="none of the 4 pairs is trainable.*'empty_text': 1.*'too_long': 1"):
+        train_dpo(_pairs(BAD_PAIRS), seed_ref, str(output), TEST_CONFIG)
+    assert not output.exists()
+
+
 # --- bad input: fails before any model is loaded ------------------------------------------------
 
 NOWHERE = ModelRef(uri="/nonexistent/metareward-base", sha256="0" * 64)
