@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 BASE_CONSTRAINTS := configs/constraints/base.txt
+# One cache for the converted seed model (and remote checkpoints), shared by both environments' test runs.
+export METAREWARD_CACHE ?= $(CURDIR)/.cache/metareward
 
 .PHONY: install test test-base test-vllm demo clean
 
