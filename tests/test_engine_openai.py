@@ -100,11 +100,13 @@ def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     environment = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     # `python -m ...api_server` rather than the `vllm` command: the command looks up the version of a
-    # distribution named "vllm", which the CPU build (distribution "vllm-cpu") is not.
+    # distribution named "vllm", which the CPU build (distribution "vllm-cpu") is not. No chunked
+    # prefill: vllm-cpu 0.32 crashes when it chunks a seeded request (see metareward/engines/vllm.py).
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--api-key", api_key,
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", "--api-key", api_key,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)

