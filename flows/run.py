@@ -4,7 +4,7 @@ The run resumes after the last complete iteration it finds in storage (an iterat
 once its `summary` artifact is written, the last stage), starting from that iteration's checkpoint,
 and stops after iteration `max_iterations`. It also stops, with the reason in the logs and in its
 outcome, when an iteration had no preference pairs and so trained no model: a later iteration
-would see the same model again. `refresh=True` starts again from M0 and recomputes every stage.
+would see the same model again. `refresh=True` starts again from M0 and runs every stage again instead of taking its cached result.
 
 `read_history` (a plain function, also behind `metareward status`) reads what storage holds of a run.
 """
@@ -119,7 +119,7 @@ def resolve_seed_model(spec: str, storage: StorageConfig) -> ModelRef:
 @flow(name="metareward-run", flow_run_name="{config.name}")
 def run_flow(config: RunConfig, refresh: bool = False, max_new_iterations: int | None = None) -> RunOutcome:
     """Run `config` from where storage says it stands up to `max_iterations` (at most
-    `max_new_iterations` more when given); `refresh` starts from M0 and recomputes everything."""
+    `max_new_iterations` more when given); `refresh` starts from M0 and runs every stage again."""
     logger = get_run_logger()
     done = [] if refresh else completed_prefix(read_history_task(config.storage, config.name))
     trained = [record for record in done if record.trained]

@@ -24,8 +24,8 @@ really runs) deletes them, so going back to the earlier settings recomputes inst
 stale result.
 
 Limits: the key of `sample_prompts` covers the prompt source's name, not the file's content; after
-editing a prompt file in place, run with `--refresh` (Prefect's `refresh_cache`), which recomputes
-and overwrites every record.
+editing a prompt file in place, run with `--refresh` (Prefect's `refresh_cache`), which runs every
+stage again and overwrites its record.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _finish(config, outcome) -> None:
 @app.command()
 def run(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The run's YAML config (e.g. configs/demo.yaml).")],
-    refresh: Annotated[bool, typer.Option("--refresh", help="Start again from M0 and recompute every stage, ignoring cached results.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Start again from M0 and run every stage again instead of taking its cached result.")] = False,
 ) -> None:
     """Run the iterations of CONFIG, resuming after the last complete iteration in storage, up to max_iterations."""
     config = _load(config_path)
@@ -139,7 +139,7 @@ def iterate(
         Optional[int],
         typer.Option("--iteration", min=1, help="Run this iteration again (from the checkpoint of the one before) instead of the next one."),
     ] = None,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every stage, ignoring cached results.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Run every stage again instead of taking its cached result.")] = False,
 ) -> None:
     """Run exactly one more iteration of CONFIG (within max_iterations), or iteration I again with --iteration I."""
     config = _load(config_path)

@@ -16,6 +16,7 @@ prompt, 2 DPO steps) are shared by the tests, because CI time is finite:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -154,10 +155,25 @@ def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_ru
     assert new_model.uri == store.checkpoint_uri(RUN, 1)
     assert store.exists(store.join(new_model.uri, "metareward-manifest.json"))
     summary = read_artifact(store, store.stage_uri(RUN, 1, "summary"))
-    assert list(summary["stage"]) == ALL_STAGES
+    assert list(summary["stage"]) == ALL_STAGES[:-1]  # one row per stage before it
     [record] = read_history(store, RUN)
     assert record.complete and record.trained and record.model == new_model
     assert record.stages["judge"]["judgments"] == len(judgments)
+
+    # what a person sees in the UI: per stage a summary, a preview of the rows, a link to the
+    # Parquet file, and for the long stages a progress bar that ended at 100
+    from prefect.artifacts import Artifact
+
+    for stage in ALL_STAGES:
+        key = f"{RUN}-iter-1-{stage.replace('_', '-')}"
+        assert Artifact.get(f"{key}-summary").type == "markdown"
+        rows = json.loads(Artifact.get(f"{key}-rows").data)
+        assert 0 < len(rows) <= 20
+        assert "data.parquet" in Artifact.get(f"{key}-link").data
+    for stage in ("generate", "judge", "meta-judge", "train"):
+        assert Artifact.get(f"{RUN}-iter-1-{stage}-progress").data == 100
+    judged = json.loads(Artifact.get(f"{RUN}-iter-1-judge-rows").data)
+    assert set(JUDGMENTS_COLUMNS) <= set(judged[0])
 
 
 def test_rerunning_the_iteration_is_cached_at_every_stage_and_loads_no_engine(main_run, caplog):
@@ -232,6 +248,7 @@ def killed_run(prefect_api, rclone_s3, seed_dir, tmp_path_factory):
         child = subprocess.Popen(
             [sys.executable, "-m", "metareward.cli", "run", str(config_path)],
             env=env,
+            cwd=folder,  # as a user would: outside the checkout (Prefect also reads ./pyproject.toml)
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
