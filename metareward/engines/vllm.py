@@ -305,6 +305,9 @@ class VLLMEngine:
                 env=_child_environment(config),
                 start_new_session=True,
             )
+        except BaseException:
+            parent_socket.close()
+            raise
         finally:
             child_socket.close()
         self._connection = Connection(parent_socket.detach())
@@ -340,7 +343,7 @@ class VLLMEngine:
     def _request(self, what: str, message: dict[str, Any]) -> Any:
         with self._lock:
             if not self._finalizer.alive:
-                raise EngineProcessError(f"vllm engine: {what} after close()")
+                raise EngineProcessError(f"vllm engine: {what} after close() (or after an interrupted request ended the child)")
             try:
                 self._connection.send(message)
                 return self._receive(what)
@@ -348,8 +351,10 @@ class VLLMEngine:
                 raise  # the child answered (with an error): it is ready for the next request
             except BaseException:
                 # Interrupted mid-request (or the child died): a reply may still be on its way, so
-                # the conversation is out of step. End the child; a new engine starts a fresh one.
-                self._finalizer()
+                # the conversation is out of step. Kill the child now (it may be busy for minutes);
+                # a new engine starts a fresh one.
+                if self._finalizer.detach():
+                    _stop_child(self._process, self._connection, grace_s=0)
                 raise
 
     def generate(self, conversations: Sequence[Conversation], sampling: Sampling, n: int) -> list[list[Completion]]:
