@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 MAX_TOKEN_IDS_PER_STEP = 128
 # How long close() waits for the child to shut vLLM down before killing its process group.
 CLOSE_GRACE_S = 60.0
-# How long close() waits for the killed processes to be gone.
+# How long close() waits for the child's process group to empty after SIGTERM, then after SIGKILL.
 GROUP_EXIT_WAIT_S = 10.0
 # How often the child checks that its parent is still alive, and how long vLLM's processes get to
 # shut down once it is gone.
@@ -249,9 +249,31 @@ def _child_environment(config: EngineConfig) -> dict[str, str]:
     return environment
 
 
+def _signal_group(group: int, signal_number: int) -> None:
+    try:
+        os.killpg(group, signal_number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group_gone(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until no process is left in the child's process group (reaping the child on the way)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: float) -> None:
-    """Ask the child to shut vLLM down, wait up to `grace_s`, then kill its whole process group
-    (vLLM's engine-core and worker processes included). Safe to call more than once."""
+    """Ask the child to shut vLLM down and wait up to `grace_s`; then end whatever is left of its
+    process group (the child leads it: start_new_session) and return once the group is empty, so
+    the memory (GPU memory included) is free when this returns. Safe to call more than once."""
     try:
         if process.poll() is None:
             connection.send({"op": "close"})
@@ -260,25 +282,17 @@ def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: floa
             process.wait(timeout=grace_s)
     except (EOFError, OSError, subprocess.TimeoutExpired):
         pass
-    # The child leads its own process group (start_new_session); anything vLLM left in it goes too.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if process.poll() is None:
-        process.kill()
-    process.wait()
     connection.close()
-    # A killed process holding gigabytes takes a moment to go; return once the group is empty, so
-    # the memory is free when close() returns (training comes next).
-    deadline = time.monotonic() + GROUP_EXIT_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.05)
-    logger.warning("vllm engine: processes of group %d still exist %.0f s after close", process.pid, GROUP_EXIT_WAIT_S)
+    # SIGTERM first: vLLM's processes shut down on it, and Python's resource tracker ignores it and
+    # exits by itself once the others are gone, unlinking any shared memory they leaked. SIGKILL for
+    # whatever outlives the wait.
+    _signal_group(process.pid, signal.SIGTERM)
+    if _wait_group_gone(process, GROUP_EXIT_WAIT_S):
+        return
+    _signal_group(process.pid, signal.SIGKILL)
+    if not _wait_group_gone(process, GROUP_EXIT_WAIT_S):
+        logger.warning("vllm engine: processes of group %d are still there after SIGKILL", process.pid)
+    process.wait()
 
 
 class VLLMEngine:
