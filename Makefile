@@ -7,7 +7,7 @@ BASE_CONSTRAINTS := configs/constraints/base.txt
 # One cache for the converted seed model (and remote checkpoints), shared by both environments' test runs.
 export METAREWARD_CACHE ?= $(CURDIR)/.cache/metareward
 
-.PHONY: install test test-base test-vllm demo clean
+.PHONY: install test test-base test-vllm venv-gpu demo clean
 
 $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,11 @@ $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_CONSTRAINTS)
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -m vllm $(VLLM_TESTS)
+
+# The vLLM environment for a CUDA machine: vllm 0.33 (pins torch 2.14.0, transformers <5.21) and this
+# project without its dependencies (see pyproject.toml for why). Point `engine.python` at .venv-gpu/bin/python.
+venv-gpu:
+	$(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/pip install -q --upgrade pip
+	.venv-gpu/bin/pip install -q 'vllm>=0.33,<0.34' httpx fsspec pandas pyarrow pyyaml gguf accelerate
+	.venv-gpu/bin/pip install -q --no-deps -e .

@@ -78,6 +78,11 @@ class EngineConfig(BaseModel):
     vllm
         tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager
         (True on CPU: 40 s start instead of 200 s), enable_prefix_caching, cpu_kvcache_gib.
+        On CPU set dtype `float32`: `auto` makes vLLM pick bf16, about half as fast there.
+        python: the interpreter of an environment that has vLLM and this project (vLLM pins
+        fastapi<0.137 while Prefect 3.9 needs >=0.139, so they live in separate environments:
+        `make venv-gpu` builds `.venv-gpu`, `make test-vllm` builds `.venv-vllm`); the engine's
+        child process runs on it. Default: the running interpreter.
     openai
         base_url (e.g. http://127.0.0.1:8000/v1), model (the served name; default: the
         checkpoint path), api_key_env (the variable holding the key; never logged),
@@ -97,6 +102,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     cpu_kvcache_gib: int = Field(default=2, ge=1)
+    python: str | None = None
     base_url: str | None = None
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

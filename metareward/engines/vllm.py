@@ -314,7 +314,7 @@ class VLLMEngine:
         parent_socket, child_socket = socket.socketpair()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", "from metareward.engines.vllm import serve_child; serve_child()", str(child_socket.fileno())],
+                [self.config.python or sys.executable, "-c", "from metareward.engines.vllm import serve_child; serve_child()", str(child_socket.fileno())],
                 pass_fds=[child_socket.fileno()],
                 env=_child_environment(config),
                 start_new_session=True,
