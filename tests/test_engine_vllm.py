@@ -20,14 +20,8 @@ import numpy as np
 import pytest
 
 from metareward.engines.base import EngineConfig, Sampling
-from metareward.engines.vllm import (
-    EngineProcessError,
-    OptionPlan,
-    pick_option,
-    plan_option_scoring,
-    request_seed,
-    validate_options,
-)
+from metareward.engines.choice import OptionPlan, pick_option, plan_option_scoring, request_seed, validate_options
+from metareward.engines.vllm import EngineProcessError
 
 VLLM_MISSING = "vLLM is not installed in this environment; `make test-vllm` builds .venv-vllm and runs these tests"
 

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
-from metareward.engines.vllm import pick_option, plan_option_scoring, render_choice_context, validate_options
+from metareward.engines.choice import pick_option, plan_option_scoring, render_choice_context, validate_options
 
 logger = logging.getLogger(__name__)
 

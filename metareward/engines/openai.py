@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import httpx
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
-from metareward.engines.vllm import (
+from metareward.engines.choice import (
     check_open_assistant_turns,
     finish_reason,
     pick_option,
