@@ -169,20 +169,21 @@ class RunCacheStorage(WritableFileSystem):
 
     _store: Store | None = PrivateAttr(default=None)
 
-    def _uri(self, path: str) -> str:
+    def _resolve(self, path: str) -> tuple[Store, str]:
+        """The run's store (opened once) and the URI of the record `path`."""
         if self._store is None:
             self._store = Store(self.storage)
-        return self._store.join(cache_uri(self._store, self.run), path)
+        return self._store, self._store.join(cache_uri(self._store, self.run), path)
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         """The record `path`. (`_sync` is passed by Prefect's result store; the call is always synchronous.)"""
-        uri = self._uri(path)
-        return self._store.read_bytes(uri)
+        store, uri = self._resolve(path)
+        return store.read_bytes(uri)
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         """Write the record `path` atomically; returns its URI."""
-        uri = self._uri(path)
-        return self._store.write_bytes(content, uri)
+        store, uri = self._resolve(path)
+        return store.write_bytes(content, uri)
 
     async def aread_path(self, path: str) -> bytes:
         return await anyio.to_thread.run_sync(self.read_path, path)

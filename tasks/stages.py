@@ -24,7 +24,7 @@ from metareward import stages as stage_functions
 from metareward.caching import StageCachePolicy, forget_other_records, stage_cache_key, upstream_keys
 from metareward.checkpoints import ModelRef
 from metareward.config import IterationConfig
-from metareward.stages import JUDGE_PAIRS, META_TARGETS, SCORES, StageResult
+from metareward.stages import META_TARGETS, SCORES, StageResult
 from metareward.storage import StorageConfig, Store
 from tasks.reporting import publish_stage, stage_progress
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
@@ -165,7 +165,7 @@ def train(
     """DPO on the union of actor and judge pairs: M_{i-1} -> M_i (the engines are released first)."""
     upstream = {"actor_pairs": actor_pairs, "judge_pairs": judge_pairs}
     store = _begin("train", storage, config, model, upstream)
-    judge_pairs_uri = judge_pairs.uris[JUDGE_PAIRS] if judge_pairs is not None else None
+    judge_pairs_uri = judge_pairs.uri if judge_pairs is not None else None
     with stage_progress(config, "train") as progress:
         result = stage_functions.train(store, config, model, actor_pairs.uri, judge_pairs_uri, progress=progress)
     return _finish(store, config, result)

@@ -2,7 +2,7 @@
 real S3 server over HTTP on 127.0.0.1 (`rclone serve s3` over a folder on disk).
 
 Two real runs of one tiny iteration (3 prompts, K=3, N=3, 16 tokens per text, shards of one
-prompt, 2 DPO steps) are shared by the tests, because CI time is finite:
+prompt, 1 DPO step) are shared by the tests, because CI time is finite:
 
 - `main_run` (prefix `e2e-main`): uninterrupted. The tests on it run in file order: its artifacts
   and counts first, then a re-run of the same iteration (all cached, no engine loaded), then rho
@@ -77,7 +77,7 @@ def tiny_config(storage, model_dir: Path, **changes) -> RunConfig:
         # 16 tokens rarely reach "Score: x": forced verdicts keep every judgment valid.
         "verdict_mode": "forced",
         "pairs": {"rho": 0.0},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 1024},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 1024},
         "shard_size": SHARD_SIZE,
     }
     for section, values in changes.items():
