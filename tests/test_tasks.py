@@ -130,3 +130,17 @@ def test_summary_markdown_lists_counts_and_drops_by_reason():
     assert "| equal_scores | 2 |" in text and "| same_text | 0 |" in text
     empty = summary_markdown(config, result.model_copy(update={"summary": {"pairs": 0, "dropped": {}}}))
     assert "Nothing was dropped." in empty
+
+
+def test_flow_parameters_are_the_config_models_so_the_ui_renders_a_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.iteration import iteration_flow
+    from flows.run import run_flow
+
+    run_schema = parameter_schema(run_flow.fn).model_dump_for_openapi()
+    assert run_schema["properties"]["config"]["$ref"].endswith("/RunConfig")
+    assert {"RunConfig", "PairsConfig", "StorageConfig", "TrainingConfig", "IterationOverrides"} <= set(run_schema["definitions"])
+    iteration_schema = parameter_schema(iteration_flow.fn).model_dump_for_openapi()
+    assert iteration_schema["properties"]["model"]["$ref"].endswith("/ModelRef")
+    assert iteration_schema["required"] == ["config", "iteration", "model"]
