@@ -72,6 +72,8 @@ from metareward.prompts import (
     render_meta_judge_prompt,
 )
 from metareward.schema import (
+    CHOSEN_CHARS,
+    CHOSEN_SCORE,
     COMPARISONS_COLUMNS,
     FINISH_REASON,
     JUDGMENT,
@@ -80,6 +82,7 @@ from metareward.schema import (
     JUDGMENT_ID,
     JUDGMENT_STATUSES,
     JUDGMENTS_COLUMNS,
+    KIND,
     KIND_ACTOR,
     KIND_JUDGE,
     META_JUDGMENT,
@@ -91,6 +94,8 @@ from metareward.schema import (
     PROMPT,
     PROMPT_ID,
     PROMPTS_COLUMNS,
+    REJECTED_CHARS,
+    REJECTED_SCORE,
     RESPONSE,
     RESPONSE_ID,
     RESPONSES_COLUMNS,
@@ -100,6 +105,7 @@ from metareward.schema import (
     STATUS,
     STATUS_FORCED,
     STATUS_OK,
+    VALID_STATUSES,
     WINNER,
 )
 from metareward.scoring import response_scores
@@ -483,7 +489,7 @@ def judge(
     write_artifact(store, scores_uri, scores, scores_info)
 
     per_response = judgments.groupby(RESPONSE_ID).size()
-    valid = judgments[STATUS].isin([STATUS_OK, STATUS_FORCED])
+    valid = judgments[STATUS].isin(VALID_STATUSES)
     summary = {
         "responses": len(responses),
         "judgments": len(judgments),
@@ -630,8 +636,8 @@ def actor_pairs(store: Store, config: IterationConfig, prompts_uri: str, respons
         "pairs": len(selected),
         "dropped": dict(selected.attrs.get("dropped", {})),
         "rho": config.pairs.rho,
-        "mean_chosen_chars": float(selected["chosen_chars"].mean()) if len(selected) else None,
-        "mean_rejected_chars": float(selected["rejected_chars"].mean()) if len(selected) else None,
+        "mean_chosen_chars": float(selected[CHOSEN_CHARS].mean()) if len(selected) else None,
+        "mean_rejected_chars": float(selected[REJECTED_CHARS].mean()) if len(selected) else None,
     }
     return StageResult(stage=stage, uri=uri, uris={ACTOR_PAIRS: uri}, key=manifest["fingerprint"], summary=summary)
 
@@ -682,8 +688,8 @@ def judge_pairs(
         "w1": w1,
         "w2": w2,
         "judgments_with_elo": len(elo),
-        "chosen_score_higher": int((selected["chosen_score"] > selected["rejected_score"]).sum()),
-        "chosen_longer": int((selected["chosen_chars"] > selected["rejected_chars"]).sum()),
+        "chosen_score_higher": int((selected[CHOSEN_SCORE] > selected[REJECTED_SCORE]).sum()),
+        "chosen_longer": int((selected[CHOSEN_CHARS] > selected[REJECTED_CHARS]).sum()),
     }
     return StageResult(stage=stage, uri=uri, uris={ELO: elo_uri, JUDGE_PAIRS: uri}, key=manifest["fingerprint"], summary=summary)
 
@@ -709,7 +715,7 @@ def train(
     upstream = {ACTOR_PAIRS: actor_pairs_uri} | ({JUDGE_PAIRS: judge_pairs_uri} if judge_pairs_uri else {})
     tables, keys = _read_inputs(store, upstream)
     union = pd.concat([tables[name] for name in upstream], ignore_index=True)
-    by_kind = {KIND_ACTOR: int((union["kind"] == KIND_ACTOR).sum()), KIND_JUDGE: int((union["kind"] == KIND_JUDGE).sum())}
+    by_kind = {kind: int((union[KIND] == kind).sum()) for kind in (KIND_ACTOR, KIND_JUDGE)}
     if union.empty:
         message = (
             f"iteration {config.iteration} has no preference pairs (actor: 0, judge: "
