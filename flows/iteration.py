@@ -8,7 +8,7 @@ Meta-judging and judge pairs run only in an iteration that trains judge pairs
 (`pairs.train_judge_pairs`, per-iteration override). Every task is cached by checkpoint hash
 (`metareward.caching`), with its cache record in the run's own store, so running a finished
 iteration again loads no model and every stage ends `Cached`; `refresh=True` runs every stage
-again and overwrites its record (a sharded stage still keeps the shards storage holds for the same inputs). Training releases the serving engines before DPO (in
+again, sharded stages included (their shards in storage are discarded), and overwrites its record. Training releases the serving engines before DPO (in
 `metareward.stages.train`). An iteration without any pair trains nothing: its outcome has no
 model and a message saying why.
 """

@@ -39,7 +39,8 @@ a meta-judgment without a winner likewise with " A" / " B" after "Winner: Judgem
 
 Engines are loaded through `metareward.engines.load_engine` (cached by checkpoint, so the three roles
 share one loaded model) and only when a stage has shards left to compute: a stage whose artifact is
-complete loads nothing. `train` releases the engines before DPO. `progress(fraction)` callbacks, when
+complete loads nothing; `fresh=True` (the flow's `refresh`) discards what storage holds and computes
+every shard again. `train` releases the engines before DPO. `progress(fraction)` callbacks, when
 given, are called with the share of shards done (0.0 first, 1.0 last).
 """
 
@@ -248,10 +249,11 @@ def _run_shards(
     compute: Callable[[int, Any], pd.DataFrame],
     key_columns: Sequence[str],
     progress: ProgressCallback | None,
+    fresh: bool,
 ) -> tuple[pd.DataFrame, dict[str, Any], int]:
     """Write every pending shard (`compute(index, shard)`), finalize, and return (table, manifest,
-    number of shards computed by this call)."""
-    artifact = ShardedArtifact(store, uri, len(shards), info)
+    number of shards computed by this call). `fresh` discards what storage holds first."""
+    artifact = ShardedArtifact(store, uri, len(shards), info, fresh=fresh)
     pending = artifact.pending_shards()
     done = len(shards) - len(pending)
     _report(progress, done, len(shards))
@@ -345,6 +347,7 @@ def generate(
     model: ModelRef,
     prompts_uri: str,
     progress: ProgressCallback | None = None,
+    fresh: bool = False,
 ) -> StageResult:
     """The actor: `actor.k` responses per prompt, sampled per shard with a derived seed; exact
     duplicate responses to one prompt removed when `actor.dedup` (counted). Writes `responses`."""
@@ -378,7 +381,7 @@ def generate(
 
     uri = artifact_uri(store, config, RESPONSES)
     info = _artifact_info(stage, RESPONSES, config, model, {PROMPTS: prompts_uri}, keys)
-    responses, manifest, computed = _run_shards(store, uri, shards, info, compute, [RESPONSE_ID], progress)
+    responses, manifest, computed = _run_shards(store, uri, shards, info, compute, [RESPONSE_ID], progress, fresh)
     generated = len(prompts) * actor.k
     summary = {
         "prompts": len(prompts),
@@ -428,6 +431,7 @@ def judge(
     prompts_uri: str,
     responses_uri: str,
     progress: ProgressCallback | None = None,
+    fresh: bool = False,
 ) -> StageResult:
     """The judge: `judge.n` judgments per response with the spec's rubric, scores parsed from the
     judgment text only (forced where parsing fails in `forced` mode). Writes `judgments` and the
@@ -481,7 +485,7 @@ def judge(
     uri = artifact_uri(store, config, JUDGMENTS)
     upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri}
     info = _artifact_info(stage, JUDGMENTS, config, model, upstream, keys)
-    judgments, manifest, computed = _run_shards(store, uri, shards, info, compute, [JUDGMENT_ID], progress)
+    judgments, manifest, computed = _run_shards(store, uri, shards, info, compute, [JUDGMENT_ID], progress, fresh)
 
     scores = response_scores(judgments)
     scores_uri = artifact_uri(store, config, SCORES)
@@ -519,6 +523,7 @@ def meta_judge(
     responses_uri: str,
     judgments_uri: str,
     progress: ProgressCallback | None = None,
+    fresh: bool = False,
 ) -> StageResult:
     """The meta-judge: per prompt, the response whose valid judgment scores vary most; every pair of
     its valid judgments compared in both orders (N(N-1) calls per prompt); the winner parsed, or
@@ -584,7 +589,7 @@ def meta_judge(
         stage, META_JUDGMENTS, config, model, {**upstream, META_TARGETS: targets_uri}, {**keys, META_TARGETS: targets_info.fingerprint}
     )
     meta_judgments, manifest, computed = _run_shards(
-        store, uri, shards, info, compute, [JUDGMENT_A_ID, JUDGMENT_B_ID], progress
+        store, uri, shards, info, compute, [JUDGMENT_A_ID, JUDGMENT_B_ID], progress, fresh
     )
     winners = meta_judgments[WINNER]
     summary = {
@@ -709,8 +714,9 @@ def train(
     """DPO on the union of the iteration's actor pairs and judge pairs (`judge_pairs_uri` None when
     the iteration trains none), reference = `model` (M_{i-1}); M_i is saved at
     `store.checkpoint_uri(run, i)` and returned in `StageResult.model`, the training metrics in the
-    `train` artifact. With no pairs at all nothing is trained: the result has `model=None` and
-    `summary["message"]` says why; the caller stops the run there."""
+    `train` artifact. With no pairs at all, or none left after the training input rules
+    (`metareward.training`), nothing is trained: the result has `model=None` and `summary["message"]`
+    says why; the caller stops the run there."""
     stage = "train"
     upstream = {ACTOR_PAIRS: actor_pairs_uri} | ({JUDGE_PAIRS: judge_pairs_uri} if judge_pairs_uri else {})
     tables, keys = _read_inputs(store, upstream)
@@ -727,18 +733,29 @@ def train(
         return StageResult(stage=stage, uri=None, summary={"trained": False, "pairs": 0, "pairs_by_kind": by_kind, "message": message})
 
     from metareward.engines import release_engines
-    from metareward.training import train_dpo
+    from metareward.training import NoTrainablePairs, train_dpo
 
     _report(progress, 0, 1)
     # DPO holds the policy, the reference and the optimizer: the serving copy must go first.
     release_engines()
-    result = train_dpo(
-        union[list(PAIRS_COLUMNS)],
-        base=model,
-        output_uri=store.checkpoint_uri(config.run, config.iteration),
-        config=config.training,
-        fs=_fs(store),
-    )
+    try:
+        result = train_dpo(
+            union[list(PAIRS_COLUMNS)],
+            base=model,
+            output_uri=store.checkpoint_uri(config.run, config.iteration),
+            config=config.training,
+            fs=_fs(store),
+        )
+    except NoTrainablePairs as error:
+        message = (
+            f"iteration {config.iteration} has {len(union)} preference pairs but the training input rules "
+            f"dropped every one (by reason: {error.dropped}; see training.max_length and training.long_pairs), "
+            f"so there is nothing to train M{config.iteration} on; the run stops here."
+        )
+        logger.warning(message)
+        _report(progress, 1, 1)
+        summary = {"trained": False, "pairs": len(union), "pairs_by_kind": by_kind, "dropped": error.dropped, "message": message}
+        return StageResult(stage=stage, uri=None, summary=summary)
     uri = artifact_uri(store, config, TRAIN)
     manifest = write_artifact(store, uri, result.metrics, _artifact_info(stage, TRAIN, config, model, upstream, keys))
     _report(progress, 1, 1)

@@ -25,8 +25,8 @@ Input rules (every drop is counted by reason in `TrainResult.n_pairs_dropped`):
   keeps it and cuts the ends of the completions (TRL's `keep_start`), counted in
   `n_pairs_truncated`. Dropping is the default because a truncated pair loses its end of turn
   and, for length-controlled actor pairs, the very length difference the pair encodes.
-- no pair left after the drops: `ValueError` with the counts. (An iteration without pairs is
-  the flow's business: it does not call this function.)
+- no pair left after the drops: `NoTrainablePairs` (a ValueError) with the counts; the train
+  stage reports it like an iteration without pairs and the run stops there.
 
 Layout of the code, so later work slots in: `prepare_examples` (pure: pairs -> TRL examples +
 counts), `build_dpo_config` (TrainingConfig -> DPOConfig), `fit_dpo` (the trainer run on a local
@@ -196,6 +196,15 @@ class TrainResult:
     n_steps: int
     precision: str
     train_seconds: float = field(compare=False)
+
+
+class NoTrainablePairs(ValueError):
+    """Every pair was dropped by the input rules; `dropped` counts them by reason."""
+
+    def __init__(self, n_pairs: int, dropped: dict[str, int]):
+        self.n_pairs = n_pairs
+        self.dropped = dict(dropped)
+        super().__init__(f"pairs: none of the {n_pairs} pairs is trainable (dropped by reason: {self.dropped})")
 
 
 # --- input ------------------------------------------------------------------------------------
@@ -510,7 +519,7 @@ def train_dpo(
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     prepared = prepare_examples(pairs, tokenizer, config)
     if not prepared.examples:
-        raise ValueError(f"pairs: none of the {len(pairs)} pairs is trainable (dropped by reason: {prepared.n_dropped})")
+        raise NoTrainablePairs(len(pairs), prepared.n_dropped)
     precision = resolve_precision(config.precision)
     logger.info(
         "DPO on %d pairs (%s) from %s, %s; dropped %s, truncated %d",

@@ -11,7 +11,7 @@ the run's store by the result storage the flow gives the task (`configured`). A 
 runs first forgets the records of its slot made with other inputs (`forget_other_records`).
 
 Retries: `tasks.retries` (transient faults only, exponential backoff). A retried or re-run stage
-resumes from the shards it already committed.
+resumes from the shards it already committed; with `refresh` the first attempt discards them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import Task, get_run_logger, task
+from prefect.context import TaskRunContext
 
 from metareward import stages as stage_functions
 from metareward.caching import StageCachePolicy, forget_other_records, stage_cache_key, upstream_keys
@@ -61,6 +62,13 @@ def _begin(
     return store
 
 
+def _fresh() -> bool:
+    """Whether a sharded stage discards the shards storage holds: on the first attempt of a task the
+    flow runs with `refresh`; its retries resume from the shards that attempt committed."""
+    context = TaskRunContext.get()
+    return bool(context.task.refresh_cache) and context.task_run.run_count <= 1
+
+
 def _finish(store: Store, config: IterationConfig, result: StageResult) -> StageResult:
     publish_stage(store, config, result)
     get_run_logger().info("%s of iteration %d: %s", result.stage, config.iteration, result.summary)
@@ -79,7 +87,7 @@ def generate(storage: StorageConfig, config: IterationConfig, model: ModelRef, p
     """The actor: K responses per prompt, in shards; exact duplicates removed (counted)."""
     store = _begin("generate", storage, config, model, {"prompts": prompts})
     with stage_progress(config, "generate") as progress:
-        result = stage_functions.generate(store, config, model, prompts.uri, progress=progress)
+        result = stage_functions.generate(store, config, model, prompts.uri, progress=progress, fresh=_fresh())
     return _finish(store, config, result)
 
 
@@ -90,7 +98,7 @@ def judge(
     """The judge: N judgments per response, in shards, and the per-response scores."""
     store = _begin("judge", storage, config, model, {"prompts": prompts, "responses": responses})
     with stage_progress(config, "judge") as progress:
-        result = stage_functions.judge(store, config, model, prompts.uri, responses.uri, progress=progress)
+        result = stage_functions.judge(store, config, model, prompts.uri, responses.uri, progress=progress, fresh=_fresh())
     return _finish(store, config, result)
 
 
@@ -108,7 +116,7 @@ def meta_judge(
     store = _begin("meta_judge", storage, config, model, upstream)
     with stage_progress(config, "meta_judge") as progress:
         result = stage_functions.meta_judge(
-            store, config, model, prompts.uri, responses.uri, judgments.uri, progress=progress
+            store, config, model, prompts.uri, responses.uri, judgments.uri, progress=progress, fresh=_fresh()
         )
     return _finish(store, config, result)
 

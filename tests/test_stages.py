@@ -358,3 +358,36 @@ def test_train_without_pairs_trains_nothing_and_says_why(tmp_path):
     assert "no preference pairs" in result.summary["message"] and "stops" in result.summary["message"]
     assert not store.exists(store.checkpoint_uri("stages-test", 1))
     assert seen == [1.0]
+
+
+@pytest.mark.model
+def test_train_whose_pairs_are_all_dropped_trains_nothing_and_says_why(tmp_path, seed_ref):
+    run_config = tiny_config(tmp_path)
+    config = run_config.for_iteration(1)
+    store = Store(run_config.storage)
+    # chosen == rejected: the training input rules drop both pairs as 'identical'.
+    pairs = pd.DataFrame(
+        {
+            "kind": ["actor", "actor"],
+            "prompt_id": ["p1", "p2"],
+            "prompt": ["Name a colour.", "Name a fruit."],
+            "chosen": ["Blue.", "Apple."],
+            "rejected": ["Blue.", "Apple."],
+            "chosen_id": ["it1-p1-r0", "it1-p2-r0"],
+            "rejected_id": ["it1-p1-r1", "it1-p2-r1"],
+            "chosen_score": [4.0, 3.0],
+            "rejected_score": [1.0, 2.0],
+            "chosen_chars": [5, 6],
+            "rejected_chars": [5, 6],
+            "chosen_elo": [np.nan, np.nan],
+            "rejected_elo": [np.nan, np.nan],
+        }
+    )
+    actor_uri = store.stage_uri("stages-test", 1, "actor_pairs")
+    write_input(store, actor_uri, pairs, "actor_pairs")
+    result = stages.train(store, config, seed_ref, actor_uri, None)
+    assert result.model is None and result.uri is None
+    assert result.summary["trained"] is False and result.summary["pairs"] == 2
+    assert result.summary["dropped"]["identical"] == 2
+    assert "dropped every one" in result.summary["message"] and "stops" in result.summary["message"]
+    assert not store.exists(store.checkpoint_uri("stages-test", 1))

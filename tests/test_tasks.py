@@ -144,3 +144,29 @@ def test_flow_parameters_are_the_config_models_so_the_ui_renders_a_form():
     iteration_schema = parameter_schema(iteration_flow.fn).model_dump_for_openapi()
     assert iteration_schema["properties"]["model"]["$ref"].endswith("/ModelRef")
     assert iteration_schema["required"] == ["config", "iteration", "model"]
+
+
+def test_refresh_discards_shards_on_the_first_attempt_only(prefect_api):
+    from prefect import flow, task
+
+    from tasks.retries import RETRY_OPTIONS
+    from tasks.stages import _fresh
+
+    seen: list[bool] = []
+    options = {**RETRY_OPTIONS, "retry_delay_seconds": 0, "retry_jitter_factor": None}
+
+    @task(retry_condition_fn=retry_on_transient_fault, **options)
+    def sharded_stage() -> None:
+        seen.append(_fresh())
+        if len(seen) == 1:
+            raise TransientStorageError("cannot write s3://bucket/run/x: connection refused")
+
+    @flow
+    def pipeline(refresh: bool):
+        sharded_stage.with_options(refresh_cache=refresh)()
+
+    pipeline(refresh=True)
+    assert seen == [True, False]  # the retry resumes from the shards the first attempt committed
+    seen.clear()
+    pipeline(refresh=False)
+    assert seen == [False, False]
