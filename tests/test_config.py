@@ -178,3 +178,26 @@ def test_models_round_trip_through_json_for_flow_parameters():
     # A JSON round trip turns iteration keys into strings; they come back as ints.
     reloaded = RunConfig.model_validate(json.loads(config.model_dump_json()))
     assert set(reloaded.iterations) == {1, 2}
+
+
+def test_paper_config_is_the_papers_schedule():
+    config = load_config(REPO / "configs" / "paper-llama3-8b.yaml")
+    assert config.max_iterations == 4
+    assert config.verdict_mode == "parse"
+    # One 80 GB GPU: vLLM on the environment `make venv-gpu` builds, in bf16.
+    assert config.engine.backend == "vllm" and config.engine.dtype == "bfloat16"
+    assert config.engine.python == ".venv-gpu/bin/python"
+    assert config.engine.tensor_parallel_size == 1 and config.engine.max_model_len is not None
+    schedule = [config.for_iteration(i) for i in range(1, 5)]
+    assert [it.pairs.rho for it in schedule] == [0.0, 0.32, 0.32, 0.4]
+    assert [it.pairs.train_judge_pairs for it in schedule] == [True, True, False, False]
+    assert [it.pairs.max_chosen_chars for it in schedule] == [2500, 0, 0, 0]
+    assert [it.pairs.max_chosen_judgment_chars for it in schedule[:2]] == [1100, 1000]
+    for it in schedule:
+        assert it.prompts.per_iteration == 5000
+        assert (it.actor.k, it.actor.temperature, it.actor.top_p, it.actor.dedup) == (7, 0.8, 0.95, True)
+        assert it.judge.n == 11
+        assert it.pairs.length_measure == "chars"
+        training = it.training
+        assert (training.beta, training.learning_rate, training.lr_scheduler_type) == (0.1, 5e-6, "cosine")
+        assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 32
