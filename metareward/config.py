@@ -150,6 +150,64 @@ class PairsConfig(BaseModel):
     elo_tie_tolerance: float = Field(default=ELO_TIE_TOLERANCE, ge=0.0)
 
 
+class EvaluationConfig(BaseModel):
+    """The evaluation of a run (`flows/evaluate.py`, `metareward evaluate`, docs/evaluation.md).
+
+    When
+        at_end_of_iteration: evaluate M_i at the end of each iteration that trained one, after its
+            summary [choice: off; on a CPU it costs minutes the demo does not have].
+    Win rate (M_i against M_{i-1} on the held-out prompts, each comparison in both orders)
+        judge: the fixed judge: `seed` (the run's seed model M0), or a model as in `model` (a local
+            folder, an `s3://` checkpoint, a hub id) [choice: seed].
+        judge_engine: how the judge is served; null = the run's `engine`. For a stronger model behind
+            an OpenAI-compatible server: backend `openai`, `base_url`, `model` (the served name), with
+            `judge` naming a local folder holding that model's tokenizer (forced verdicts render its
+            chat template locally).
+        max_prompts: held-out prompts used, the first of the held-out slice's seeded order [choice: 100].
+        max_tokens, temperature, top_p: sampling of each model's response [choice: 256 tokens; the
+            actor's 0.8 and 0.95, so the models answer as they do in training].
+        judge_max_tokens: longest comparison or rubric judgment [choice: 256].
+        judge_temperature: sampling of the judge's text and of its forced verdicts [choice: 0, greedy:
+            the judge's most likely verdict, not its sampling noise].
+        verdict_mode: `forced` (parse first; where that fails, the judge's own choice between the
+            options, counted as `forced`) or `parse` (unparsable verdicts are left out, counted)
+            [choice: forced, so a small judge still gives every comparison a verdict].
+        bootstrap_samples, confidence: percentile bootstrap over prompts for the intervals of the win
+            rate and the length-controlled win rate [choice: 1000 resamples, 0.95].
+    Judge accuracy (M_i and M_{i-1} as rubric judges of a preference set)
+        preference_set: `embedded` (the set shipped in `metareward/data/preference_pairs.jsonl`) or a
+            Parquet / JSONL file (local or `s3://`) with columns `prompt`, `chosen`, `rejected`.
+        max_pairs: pairs used, the first of the file; 0 = all.
+    Seed
+        seed: seed of the sampling; null = the run's `seed`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    at_end_of_iteration: bool = False
+    judge: str = "seed"
+    judge_engine: EngineConfig | None = None
+    max_prompts: int = Field(default=100, ge=1)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    judge_max_tokens: int = Field(default=256, ge=1)
+    judge_temperature: float = Field(default=0.0, ge=0.0)
+    verdict_mode: VerdictMode = "forced"
+    bootstrap_samples: int = Field(default=1000, ge=1)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    preference_set: str = "embedded"
+    max_pairs: int = Field(default=0, ge=0)
+    seed: int | None = None
+
+    @field_validator("judge", "preference_set")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
 class IterationOverrides(BaseModel):
     """Settings of one iteration that differ from the run's base settings. A field left out (or
     null) keeps the base value; caps take 0 for "no cap", as in the base settings.
@@ -272,6 +330,14 @@ class RunConfig(BaseModel):
         model: the seed model M0: `embedded` (SmolLM2-135M-Instruct shipped with the package), a local
             folder with safetensors weights, or a hub id.
         storage: where artifacts and checkpoints go (`./runs` by default, or `s3://bucket/prefix`).
+        keep_last_checkpoints: how many of the run's checkpoints `{run}/iter-{i}/model` stay in storage:
+            after each trained iteration the newest this many are kept and older ones are removed
+            (`metareward.checkpoints.prune_checkpoints`; each is a full copy of the model, about 32 GB
+            for 8B parameters in fp32) [choice: 2, the model the next iteration starts from and the
+            one before it, to compare with or go back to]. 0 or null keeps every checkpoint. The
+            checkpoint the next iteration starts from is never removed, nor the seed M0 (it lies
+            outside the run's folder). A removed checkpoint shows as pruned in `metareward status`;
+            the iteration's pairs, metrics and summary stay.
         engine: how the model is served for all three roles.
     Roles
         prompts, actor, judge, meta_judge: see their models.
@@ -283,6 +349,8 @@ class RunConfig(BaseModel):
     Sharding
         shard_size: prompts per shard of generation, judging and meta-judging; each shard is
             committed on its own, so a killed stage loses at most the shard in flight [choice: 32].
+    Evaluation
+        evaluation: win rate of M_i against M_{i-1} and judge accuracy (`EvaluationConfig`).
     Per iteration
         iterations: overrides keyed by iteration number (1 = M0 -> M1). The paper's schedule
             (one source) reads::
@@ -301,6 +369,7 @@ class RunConfig(BaseModel):
     max_iterations: int = Field(default=4, ge=1)
     model: str = "embedded"
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    keep_last_checkpoints: int | None = Field(default=2, ge=0)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
@@ -310,6 +379,7 @@ class RunConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     shard_size: int = Field(default=32, ge=1)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     iterations: dict[int, IterationOverrides] = Field(default_factory=dict)
 
     @field_validator("name")
