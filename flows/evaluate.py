@@ -1,0 +1,145 @@
+"""The evaluation of a run as a Prefect flow: is M_i better than M_{i-1}, and is it a better judge?
+
+    resolve models -> win rate (X vs Y on the held-out prompts, both orders) -> judge accuracy (X and Y)
+                   -> markdown artifact `{run}-iter-{i}-evaluation-summary`
+
+The logic lives in `metareward.evaluation` (docs/evaluation.md); the tasks only call it. By default X
+is M_i of iteration `iteration` (the run's newest trained iteration when None), Y is M_{i-1} (the seed
+model M0 for iteration 1) and the judge is `evaluation.judge` (`seed`: M0). `model` / `baseline`
+replace X / Y with any two checkpoints (a `ModelRef`, or a model string as in the config's `model`);
+the results still go under iteration i's folder, `{root}/{run}/iter-{i}/evaluation/`. Artifacts
+already in storage for the same inputs are reused unless `refresh`.
+
+It runs on its own (`metareward evaluate CONFIG [--iteration i]`) and, with
+`evaluation.at_end_of_iteration`, as a subflow at the end of each iteration that trained a model.
+One model is loaded at a time (`metareward.evaluation.EngineSlot`); every engine is released at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from metareward import evaluation
+from metareward.checkpoints import ModelRef, resolve_model
+from metareward.config import RunConfig
+from metareward.storage import Store
+from tasks.reporting import artifact_key
+from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
+
+_TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retry_condition_fn": retry_on_transient_fault, **RETRY_OPTIONS}
+
+
+class EvaluationModels(BaseModel):
+    """Who is compared, and by whom: iteration i (where the results go), X, Y and the judge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iteration: int = Field(ge=1)
+    model_x: ModelRef
+    model_y: ModelRef
+    judge: ModelRef
+
+
+class EvaluationOutcome(BaseModel):
+    """What the evaluation flow returns: the models, the win-rate summary (`win_rate_summary` fields,
+    models and URIs) and one judge-accuracy row per model (`judge_accuracy` fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str
+    models: EvaluationModels
+    win_rate: dict[str, Any]
+    judge_accuracy: list[dict[str, Any]]
+
+
+def _resolve(spec: ModelRef | str, store: Store) -> ModelRef:
+    if isinstance(spec, ModelRef):
+        return spec
+    return resolve_model(spec, fs=store.fs if store.protocol == "s3" and spec.startswith("s3://") else None)
+
+
+@task(name="resolve-evaluation-models", **_TASK_OPTIONS)
+def resolve_models(
+    config: RunConfig, iteration: int | None, model: ModelRef | str | None, baseline: ModelRef | str | None
+) -> EvaluationModels:
+    """Iteration i, X (M_i unless `model`), Y (M_{i-1} unless `baseline`) and the judge from storage and the config."""
+    from flows.run import read_history  # flows.run imports the iteration flow, which imports this module
+
+    store = Store(config.storage)
+    history = read_history(store, config.name)
+    trained = {record.iteration: record.model for record in history if record.complete and record.trained}
+    if iteration is None:
+        if not trained:
+            raise ValueError(f"run {config.name} has no trained iteration in {store.run_uri(config.name)}: nothing to evaluate")
+        iteration = max(trained)
+    seed = _resolve(config.model, store)
+    if model is None:
+        if iteration not in trained:
+            raise ValueError(
+                f"iteration {iteration} of run {config.name} has no trained checkpoint in storage "
+                f"(trained: {sorted(trained) or 'none'}); pass `model` to evaluate another checkpoint"
+            )
+        model = trained[iteration]
+    if baseline is None:
+        if iteration > 1 and iteration - 1 not in trained:
+            raise ValueError(f"iteration {iteration - 1} of run {config.name} has no trained checkpoint in storage to compare with")
+        baseline = seed if iteration == 1 else trained[iteration - 1]
+    judge = seed if config.evaluation.judge == "seed" else _resolve(config.evaluation.judge, store)
+    return EvaluationModels(iteration=iteration, model_x=_resolve(model, store), model_y=_resolve(baseline, store), judge=judge)
+
+
+@task(name="win-rate", task_run_name="win-rate-iter-{models.iteration}", **_TASK_OPTIONS)
+def win_rate(config: RunConfig, models: EvaluationModels, engines: evaluation.EngineSlot, refresh: bool) -> dict[str, Any]:
+    """X against Y on the held-out prompts, each comparison in both orders, judged by the fixed judge."""
+    result = evaluation.evaluate_win_rate(
+        Store(config.storage), config, models.iteration, models.model_x, models.model_y, models.judge, engines, refresh
+    )
+    get_run_logger().info(
+        "iteration %d: win rate %s (%s-%s), LC win rate %s (%s-%s) over %d decided comparisons (%s)",
+        models.iteration,
+        *(f"{result[name]:.3f}" if result[name] is not None else "-" for name in ("win_rate", "win_rate_low", "win_rate_high", "lc_win_rate", "lc_low", "lc_high")),
+        result["decided"],
+        result["statuses"],
+    )
+    return result
+
+
+@task(name="judge-accuracy", task_run_name="judge-accuracy-iter-{models.iteration}", **_TASK_OPTIONS)
+def judge_accuracy(config: RunConfig, models: EvaluationModels, engines: evaluation.EngineSlot, refresh: bool) -> list[dict[str, Any]]:
+    """X and Y as rubric judges of the preference set (Y first: after the win rate it may still be loaded as the judge)."""
+    roles = {evaluation.MODEL_Y: models.model_y, evaluation.MODEL_X: models.model_x}
+    rows = evaluation.evaluate_judge_accuracy(Store(config.storage), config, models.iteration, roles, engines, refresh)
+    for row in rows:
+        get_run_logger().info("iteration %d: judge accuracy of %s (%s): %s", models.iteration, row["role"], row["model"], row["accuracy"])
+    return rows
+
+
+@flow(name="metareward-evaluate", flow_run_name="{config.name}-evaluate")
+def evaluate_flow(
+    config: RunConfig,
+    iteration: int | None = None,
+    model: ModelRef | str | None = None,
+    baseline: ModelRef | str | None = None,
+    refresh: bool = False,
+) -> EvaluationOutcome:
+    """Evaluate iteration `iteration` of the run `config` (None: its newest trained iteration): win rate
+    and length-controlled win rate of `model` (default M_i) against `baseline` (default M_{i-1}) on
+    the held-out prompts, and both models' judge accuracy on the preference set."""
+    models = resolve_models(config, iteration, model, baseline)
+    engines = evaluation.EngineSlot(Store(config.storage))
+    try:
+        win = win_rate(config, models, engines, refresh)
+        accuracy = judge_accuracy(config, models, engines, refresh)
+    finally:
+        engines.release()
+    create_markdown_artifact(
+        evaluation.evaluation_markdown(config.name, models.iteration, win, accuracy),
+        key=artifact_key(config.for_iteration(models.iteration), "evaluation", "summary"),
+        description=f"Iteration {models.iteration}: win rate, length-controlled win rate, judge accuracy",
+    )
+    return EvaluationOutcome(run=config.name, models=models, win_rate=win, judge_accuracy=accuracy)
