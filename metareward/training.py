@@ -1,9 +1,11 @@
 """The train stage: DPO with TRL on an iteration's preference pairs, M_{i-1} -> M_i.
 
-What is supported now: full fine-tuning of a causal LM checkpoint (`ModelRef`, safetensors only)
-with TRL's `DPOTrainer` (sigmoid loss), in this process, on one device (CPU, or one GPU that
-`torch` sees), reference model = the base checkpoint M_{i-1} itself. The trained model is
-written with `metareward.checkpoints.save_checkpoint` (manifest + sha256) to `output_uri`.
+Full fine-tuning or LoRA (peft) of a causal LM checkpoint (`ModelRef`, safetensors only) with
+TRL's `DPOTrainer` (sigmoid loss), reference model = the base checkpoint M_{i-1} itself (its
+log-probabilities optionally precomputed once, TRL's `precompute_ref_log_probs`), on CPU (fp32) or
+CUDA GPUs (bf16 autocast), in this process or in several processes under `accelerate launch`. The
+trained model is written with `metareward.checkpoints.save_checkpoint` (manifest + sha256) to
+`output_uri`.
 
 Pairs table (`docs/artifacts.md`): columns `kind` ('actor' | 'judge'), `prompt_id`, `prompt`
 (the user turn text: the instruction for actor pairs, the filled judge prompt for judge pairs),
@@ -28,11 +30,37 @@ Input rules (every drop is counted by reason in `TrainResult.n_pairs_dropped`):
 - no pair left after the drops: `NoTrainablePairs` (a ValueError) with the counts; the train
   stage reports it like an iteration without pairs and the run stops there.
 
-Layout of the code, so later work slots in: `prepare_examples` (pure: pairs -> TRL examples +
-counts), `build_dpo_config` (TrainingConfig -> DPOConfig), `fit_dpo` (the trainer run on a local
-checkpoint folder; what a `python -m metareward.training` child under `accelerate launch` would
-call), `train_dpo` (materialize, fit, save, report). LoRA, several processes, resuming from
-trainer checkpoints and mixing caps are not implemented here yet.
+Mixing (`select_mix`): after the input rules, every trainable actor pair trains; judge pairs are
+capped by `max_judge_pairs` and by `judge_pairs_ratio` x (trainable actor pairs), whichever is
+smaller; the judge pairs kept are a seeded random choice (training `seed`), in table order. The
+counts (`TrainResult.mixing`) go into the checkpoint manifest's `source` and the stage summary.
+
+LoRA (`lora`): TRL trains a peft adapter on the base (the reference is the base with the adapter
+disabled); the adapter is saved as a checkpoint of its own (`adapter_config.json`,
+`adapter_model.safetensors`, the base's `config.json` and tokenizer, manifest + sha256) that a
+vLLM engine can serve as a LoRA (`LoRARequest(name, id, folder)`), and merged into the base
+weights to give the full checkpoint M_i.
+
+Processes (`num_processes`): 1 trains in this process. More start ONE child process group,
+`accelerate launch` with the shipped config `configs/accelerate/{distributed}.yaml` (resolved
+from the repository checkout: the package is installed editable), each rank running
+`python -m metareward.train_worker JOB` on a job spec file written by the parent. On a machine
+without CUDA the ranks use `use_cpu` and the gloo backend. The main rank writes the model to a
+local folder; the parent saves it with `save_checkpoint`. The group dies with the parent:
+PR_SET_PDEATHSIG on the launcher and every rank, and the parent kills the group on any exception
+(a cancelled flow run included) before re-raising.
+
+Resuming (`save_steps` > 0 and a `state_uri`): TRL saves a trainer checkpoint every `save_steps`
+optimizer steps; the main rank uploads it to `{state_uri}/checkpoint-{step}` (a `complete`
+marker last, older ones removed) beside `job.json`, the fingerprint of (base sha256, examples,
+settings). A re-run with the same fingerprint downloads the newest complete one and resumes from
+it (`resume_from_checkpoint`: global step, optimizer, scheduler and data order continue); other
+state is discarded. The state is removed once M_i is saved.
+
+Layout of the code: `prepare_examples` and `select_mix` (pure: pairs -> TRL examples + counts),
+`build_dpo_config` (TrainingConfig -> DPOConfig), `run_job` (the trainer run on a `TrainJob`, in
+this process or in each rank of the child; writes local folders), `train_dpo` (materialize,
+prepare, mix, resume, run, save, report).
 
 torch, transformers, datasets and trl are imported lazily: importing this module is cheap.
 """
@@ -40,11 +68,19 @@ torch, transformers, datasets and trl are imported lazily: importing this module
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.metadata
+import json
 import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -74,6 +110,35 @@ logger = logging.getLogger(__name__)
 PAIRS_REQUIRED_COLUMNS = (KIND, PROMPT_ID, PROMPT, CHOSEN, REJECTED)
 TEXT_COLUMNS = (PROMPT, CHOSEN, REJECTED)
 DROP_REASONS = ("empty_text", "identical", "prompt_too_long", "too_long")
+DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
+# The shipped accelerate config files (`configs/accelerate/{mode}.yaml`), from the repository checkout.
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+# Written last into an uploaded trainer checkpoint: a checkpoint without it is incomplete.
+STATE_COMPLETE_MARKER = "complete"
+STATE_JOB_FILE = "job.json"
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter settings (peft `LoraConfig`).
+
+    Parameters:
+        r (`int`, *optional*, defaults to `8`):
+            Rank of the update matrices. A vLLM engine serving the adapter needs `max_lora_rank` >= r.
+        alpha (`int`, *optional*, defaults to `16`):
+            Scaling numerator: the update is scaled by alpha / r.
+        dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the adapter's input, in [0, 1). 0: DPO turns the model's dropout off too.
+        target_modules (`list[str]` or `str`, *optional*, defaults to `["q_proj", "k_proj", "v_proj", "o_proj"]`):
+            Module names that get an adapter (Llama-style attention projections by default), or
+            `"all-linear"`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 class TrainingConfig(BaseModel):
@@ -131,6 +196,38 @@ class TrainingConfig(BaseModel):
         logging_steps (`int`, *optional*, defaults to `1`):
             Optimizer steps between two rows of `TrainResult.metrics` (each row averages the steps
             since the previous one).
+        num_processes (`int`, *optional*, defaults to `1`):
+            Training processes. 1 trains in the stage's own process; more run `accelerate launch`
+            in a child process group (one rank per GPU, or per CPU share with the gloo backend).
+            Global batch = batch size x accumulation x processes.
+        distributed (`str`, *optional*, defaults to `"ddp"`):
+            Which shipped accelerate config (`configs/accelerate/{distributed}.yaml`) the child
+            launches with when `num_processes` > 1: `ddp`, `fsdp` (full sharding, GPUs) or
+            `deepspeed` (ZeRO-2; needs the `deepspeed` package, GPUs). On CPU only `ddp`.
+
+        > Parameters that control the reference and the adapter
+
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+            TRL's option: compute the reference log-probabilities of every pair once before
+            training and free the reference model, so training holds one model instead of two.
+        lora (`LoraSettings`, *optional*):
+            Train a LoRA adapter instead of every weight (`{r, alpha, dropout, target_modules}`);
+            the adapter is merged into M_i and also kept for serving. None: full fine-tuning.
+
+        > Parameters that control the mix of pairs
+
+        max_judge_pairs (`int`, *optional*):
+            At most this many judge pairs train (a seeded choice); None: no cap.
+        judge_pairs_ratio (`float`, *optional*):
+            At most this many judge pairs per trainable actor pair (e.g. 1.0: no more judge than
+            actor pairs); None: no ratio. With both set, the smaller limit applies.
+
+        > Parameters that control resuming
+
+        save_steps (`int`, *optional*, defaults to `0`):
+            Save a trainer checkpoint (weights, optimizer, scheduler, data position) to the run's
+            storage every this many optimizer steps, so a killed stage resumes from the newest one;
+            0: none (a killed stage starts over).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -149,6 +246,13 @@ class TrainingConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     logging_steps: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1)
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    precompute_ref_log_probs: bool = False
+    lora: LoraSettings | None = None
+    max_judge_pairs: int | None = Field(None, ge=0)
+    judge_pairs_ratio: float | None = Field(None, ge=0)
+    save_steps: int = Field(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -183,7 +287,12 @@ class TrainResult:
     n_pairs_used / n_pairs_used_by_kind: pairs trained on (per kind 'actor' / 'judge').
     n_pairs_dropped: pairs left out, by reason (every reason of `DROP_REASONS`, 0 when none).
     n_pairs_truncated: pairs kept with their completions cut to `max_length`.
-    n_steps: optimizer steps run. precision: the precision used ('bf16' or 'fp32').
+    n_steps: optimizer steps run (the trainer's global step, counting those before a resume).
+    precision: the precision used ('bf16' or 'fp32').
+    mixing: the counts of `select_mix` (trainable and used pairs per kind, judge pairs left out).
+    adapter: the LoRA adapter checkpoint (None for full fine-tuning).
+    resumed_from_step: the trainer checkpoint's step this run resumed from (0: from the start).
+    num_processes: training processes (1: in this process).
     train_seconds: wall time of `trainer.train()` (loading and saving excluded).
     """
 
@@ -195,6 +304,10 @@ class TrainResult:
     n_pairs_truncated: int
     n_steps: int
     precision: str
+    mixing: dict[str, int]
+    adapter: ModelRef | None
+    resumed_from_step: int
+    num_processes: int
     train_seconds: float = field(compare=False)
 
 
@@ -282,6 +395,45 @@ def prepare_examples(pairs: pd.DataFrame, tokenizer: Any, config: TrainingConfig
     return PreparedExamples(examples=examples, n_dropped=dropped, n_truncated=truncated)
 
 
+def select_mix(
+    kinds: list[str],
+    max_judge_pairs: int | None,
+    judge_pairs_ratio: float | None,
+    seed: int,
+) -> tuple[list[int], dict[str, int]]:
+    """Which pairs train, given the `kind` of each trainable pair: every actor pair, and judge
+    pairs up to the smaller of `max_judge_pairs` and floor(`judge_pairs_ratio` x actor pairs)
+    (None: no such limit), chosen at random with `seed` when there are more.
+
+    Returns the positions kept (ascending, so the table order is kept) and the counts
+    `actor_available`, `judge_available`, `actor_used`, `judge_used`, `judge_left_out`."""
+    import numpy as np
+
+    actor = [position for position, kind in enumerate(kinds) if kind == KIND_ACTOR]
+    judge = [position for position, kind in enumerate(kinds) if kind == KIND_JUDGE]
+    unknown = sorted(set(kinds) - {KIND_ACTOR, KIND_JUDGE})
+    if unknown:
+        raise ValueError(f"pairs: unknown kind(s) {unknown}; expected {KIND_ACTOR!r} or {KIND_JUDGE!r}")
+    limit = len(judge)
+    if max_judge_pairs is not None:
+        limit = min(limit, max_judge_pairs)
+    if judge_pairs_ratio is not None:
+        # The small epsilon keeps 0.3 x 10 at 3 despite binary floating point.
+        limit = min(limit, int(judge_pairs_ratio * len(actor) + 1e-9))
+    kept_judge = judge
+    if limit < len(judge):
+        chosen = np.random.default_rng(seed).choice(len(judge), size=limit, replace=False)
+        kept_judge = [judge[index] for index in sorted(chosen.tolist())]
+    counts = {
+        "actor_available": len(actor),
+        "judge_available": len(judge),
+        "actor_used": len(actor),
+        "judge_used": len(kept_judge),
+        "judge_left_out": len(judge) - len(kept_judge),
+    }
+    return sorted(actor + kept_judge), counts
+
+
 # --- the trainer --------------------------------------------------------------------------------
 
 
@@ -303,9 +455,12 @@ def resolve_precision(precision: str) -> str:
 def build_dpo_config(config: TrainingConfig, output_dir: str | Path, precision: str) -> Any:
     """The TRL `DPOConfig` for `config` (`precision` as resolved by `resolve_precision`).
 
-    Fixed choices: no reporting integrations, no trainer checkpoints (the model is saved
-    explicitly), sigmoid DPO loss, dropout off, model loaded in fp32 from safetensors with
-    remote code refused, truncation `keep_start`."""
+    Fixed choices: no reporting integrations, sigmoid DPO loss, dropout off, model loaded in fp32
+    from safetensors with remote code refused, truncation `keep_start`, `use_cpu` where no CUDA
+    GPU is seen (so several ranks on CPU use gloo). Trainer checkpoints only every `save_steps`
+    steps (the newest one kept locally: the uploaded copy is what resumes), never at the end
+    (the model is saved explicitly)."""
+    import torch
     from trl import DPOConfig
 
     return DPOConfig(
@@ -323,50 +478,127 @@ def build_dpo_config(config: TrainingConfig, output_dir: str | Path, precision: 
         data_seed=config.seed,
         max_length=config.max_length,
         truncation_mode="keep_start",
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
         bf16=precision == "bf16",
         fp16=False,
+        use_cpu=not torch.cuda.is_available(),
         # transformers 5 renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing.
         activation_checkpointing=config.gradient_checkpointing,
         logging_steps=config.logging_steps,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=1,
         model_init_kwargs={"dtype": "float32", "use_safetensors": True},
         trust_remote_code=False,
     )
 
 
 @dataclass
-class FitOutput:
-    """The trained model (in memory), its tokenizer, TRL's log history and the step count."""
+class TrainJob:
+    """What one training run needs, as JSON (the job spec file a child rank reads).
 
-    model: Any
-    tokenizer: Any
-    log_history: list[dict[str, float]]
-    n_steps: int
-    train_seconds: float
+    model_dir: the base checkpoint folder. examples_path: a JSON list of TRL examples.
+    work_dir: the trainer's output folder (its local trainer checkpoints). model_out: where the
+    main rank writes M_i (weights + tokenizer, no manifest). adapter_out: where it writes the
+    LoRA adapter (None for full fine-tuning). state_uri: where trainer checkpoints are uploaded
+    (None: not uploaded). resume_from: a local trainer checkpoint to resume from. result_path:
+    where the main rank writes the log history, step count and train seconds. fs_json: the
+    filesystem reaching `state_uri` (`AbstractFileSystem.to_json`, credentials included: the
+    spec file lives in a private temporary folder), None for one built from the URL."""
+
+    model_dir: str
+    examples_path: str
+    config: dict[str, Any]
+    precision: str
+    work_dir: str
+    model_out: str
+    adapter_out: str | None
+    state_uri: str | None
+    resume_from: str | None
+    result_path: str
+    fs_json: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainJob:
+        return cls(**json.loads(Path(path).read_text()))
 
 
-def fit_dpo(model_dir: Path, examples: list[dict[str, Any]], config: TrainingConfig, work_dir: Path, precision: str) -> FitOutput:
-    """Run TRL's DPOTrainer on `examples` from the local checkpoint folder `model_dir`.
+def _state_fs(state_uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    import fsspec.core
+
+    if fs is not None:
+        return fs, fs._strip_protocol(state_uri)
+    return fsspec.core.url_to_fs(state_uri)
+
+
+def _upload_callback(state_uri: str, fs: fsspec.AbstractFileSystem | None) -> Any:
+    """A TrainerCallback that uploads each trainer checkpoint TRL saves to `state_uri` from the
+    main rank (after every rank wrote its part), marker last, and removes the older ones."""
+    from transformers import TrainerCallback
+
+    class UploadTrainerCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+            if state.is_world_process_zero:
+                name = f"checkpoint-{state.global_step}"
+                remote_fs, root = _state_fs(state_uri, fs)
+                target = f"{root}/{name}"
+                remote_fs.put(str(Path(args.output_dir) / name), target, recursive=True)
+                remote_fs.pipe_file(f"{target}/{STATE_COMPLETE_MARKER}", b"")
+                for older in remote_fs.ls(root, detail=False):
+                    if older.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint-") and older.rstrip("/") != target:
+                        remote_fs.rm(older, recursive=True)
+                logger.info("trainer checkpoint at step %d uploaded to %s", state.global_step, state_uri)
+            PartialState().wait_for_everyone()
+
+    return UploadTrainerCheckpoint()
+
+
+def _peft_config(lora: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_job(job: TrainJob, fs: fsspec.AbstractFileSystem | None = None, callbacks: list[Any] | None = None) -> None:
+    """Run TRL's DPOTrainer for `job` (in this process, or in each rank of the child) and, on the
+    main rank, write the trained model to `job.model_out`, the adapter to `job.adapter_out`
+    (LoRA) and the log history to `job.result_path`.
 
     The policy and the reference are both loaded by TRL from `model_dir` (TRL 1.16: with
     `ref_model=None` and full fine-tuning it builds the reference with `from_pretrained` on the
-    policy's own path, with the same loading arguments), so reference = the base checkpoint.
-    `work_dir` is the trainer's output folder (with `save_strategy="no"` it writes no trainer
-    checkpoints there).
-    """
+    policy's own path; with LoRA the reference is the base with the adapter disabled), so
+    reference = the base checkpoint. `fs` reaches `job.state_uri`; `callbacks` are extra
+    TrainerCallbacks, run after the upload of trainer checkpoints."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    config = TrainingConfig.model_validate(job.config)
+    examples = json.loads(Path(job.examples_path).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     dataset = Dataset.from_list([{key: example[key] for key in ("prompt", "chosen", "rejected")} for example in examples])
+    trainer_callbacks = ([_upload_callback(job.state_uri, fs)] if job.state_uri and config.save_steps else []) + list(callbacks or [])
     trainer = DPOTrainer(
-        model=str(model_dir),
+        model=job.model_dir,
         ref_model=None,
-        args=build_dpo_config(config, work_dir, precision),
+        args=build_dpo_config(config, job.work_dir, job.precision),
         train_dataset=dataset,
         processing_class=tokenizer,
+        peft_config=_peft_config(config.lora) if config.lora is not None else None,
+        callbacks=trainer_callbacks,
     )
     if len(trainer.train_dataset) != len(examples):
         # prepare_examples drops more than TRL does; a mismatch means TRL's rules changed.
@@ -375,21 +607,118 @@ def fit_dpo(model_dir: Path, examples: list[dict[str, Any]], config: TrainingCon
             "metareward's length rules no longer match this TRL version"
         )
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=job.resume_from)
     seconds = time.perf_counter() - started
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    output = FitOutput(
-        model=model,
-        tokenizer=tokenizer,
-        log_history=list(trainer.state.log_history),
-        n_steps=trainer.state.global_step,
-        train_seconds=seconds,
-    )
-    # Free the reference model and the optimizer state before the caller saves and moves on.
+    # save_model gathers sharded (FSDP / ZeRO) weights; with LoRA it writes the adapter only.
+    trainer.save_model(job.adapter_out if config.lora is not None else job.model_out)
+    if trainer.is_world_process_zero():
+        Path(job.result_path).write_text(
+            json.dumps(
+                {"log_history": trainer.state.log_history, "n_steps": trainer.state.global_step, "train_seconds": seconds}
+            )
+        )
+    trainer.accelerator.wait_for_everyone()
+    is_main = trainer.is_world_process_zero()
+    # Free the policy, the reference and the optimizer state before merging and saving.
     trainer.ref_model = None
     del trainer
     _free_memory()
-    return output
+    if not is_main:
+        return
+    if config.lora is not None:
+        _merge_adapter(Path(job.model_dir), Path(job.adapter_out), Path(job.model_out), tokenizer)
+    for folder in (job.model_out, job.adapter_out):
+        if folder is not None:
+            # Trainer.save_model writes its TrainingArguments as a pickle; checkpoints hold none.
+            (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+
+def _merge_adapter(model_dir: Path, adapter_dir: Path, model_out: Path, tokenizer: Any) -> None:
+    """Merge the saved adapter into a fresh fp32 copy of the base and write it to `model_out`; give
+    the adapter folder the base's config.json so it is a hashed checkpoint folder too."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(model_out))
+    tokenizer.save_pretrained(str(model_out))
+    base.config.save_pretrained(str(adapter_dir))
+    del merged, base
+    _free_memory()
+
+
+# --- the child process --------------------------------------------------------------------------
+
+
+def accelerate_config_file(mode: str) -> Path:
+    """The shipped accelerate config for `mode` (`ddp`, `fsdp`, `deepspeed`)."""
+    path = ACCELERATE_CONFIG_DIR / f"{mode}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"training.distributed {mode!r}: accelerate config {path} not found (metareward ships it in the "
+            "repository's configs/accelerate/; install the package editable from a checkout)"
+        )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(job_path: Path, config: TrainingConfig) -> list[str]:
+    """`accelerate launch` of `metareward.train_worker` on `job_path` with the shipped config."""
+    import torch
+
+    if not torch.cuda.is_available() and config.distributed != "ddp":
+        raise ValueError(f"training.distributed {config.distributed!r} needs CUDA GPUs; on CPU use 'ddp' (gloo)")
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(accelerate_config_file(config.distributed)),
+        "--num_processes", str(config.num_processes),
+        "--main_process_port", str(_free_port()),
+        "--module", "metareward.train_worker", str(job_path),
+    ]  # fmt: skip
+
+
+def run_child(job: TrainJob, job_dir: Path, config: TrainingConfig) -> None:
+    """Run `job` in `config.num_processes` ranks under `accelerate launch`, in a process group of
+    its own that dies with this process; any exception here (a cancelled flow run included) kills
+    the group before it propagates. Raises `RuntimeError` with the child's output tail when it fails."""
+    from metareward.engines.vllm import GROUP_EXIT_WAIT_S, _signal_group, _wait_group_gone
+    from metareward.train_worker import die_with_parent
+
+    import torch
+
+    job_path = job_dir / "job.json"
+    job.write(job_path)
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), environment.get("PYTHONPATH", "")) if p)
+    environment.setdefault("HF_HUB_OFFLINE", "1")
+    if not torch.cuda.is_available():
+        environment["ACCELERATE_USE_CPU"] = "true"
+    log_path = job_dir / "child.log"
+    command = launch_command(job_path, config)
+    logger.info("training in %d processes: %s", config.num_processes, " ".join(command))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+        )
+        try:
+            returncode = process.wait()
+        except BaseException:
+            _signal_group(process.pid, signal.SIGKILL)
+            _wait_group_gone(process, GROUP_EXIT_WAIT_S)
+            raise
+        # The ranks may outlive a failed launcher for a moment: the group must be empty either way.
+        _signal_group(process.pid, signal.SIGKILL)
+        _wait_group_gone(process, GROUP_EXIT_WAIT_S)
+    if returncode != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"training child (accelerate launch, {config.num_processes} processes) exited with {returncode}:\n{tail}")
 
 
 def _free_memory() -> None:
@@ -495,6 +824,68 @@ def implicit_reward_margins(
 # --- the stage ----------------------------------------------------------------------------------
 
 
+class _SavedFolder:
+    """A folder a training run wrote, handed to `save_checkpoint` in place of a model and a
+    tokenizer: its `save_pretrained` puts the folder's files (hard links where possible) into the
+    checkpoint being written, so the parent needs no copy of the model in memory."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def save_pretrained(self, destination: str | Path) -> None:
+        for source in sorted(self.folder.iterdir()):
+            target = Path(destination) / source.name
+            if not source.is_file() or target.exists():
+                continue
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+
+
+def _sibling_uri(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/').rsplit('/', 1)[0]}/{name}"
+
+
+def _job_fingerprint(base: ModelRef, examples: list[dict[str, Any]], config: TrainingConfig, precision: str) -> str:
+    payload = {"base_sha256": base.sha256, "examples": examples, "config": config.model_dump(), "precision": precision}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _checkpoint_step(path: str) -> int | None:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    prefix = "checkpoint-"
+    return int(name[len(prefix) :]) if name.startswith(prefix) and name[len(prefix) :].isdigit() else None
+
+
+def _prepare_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, fingerprint: str, local_dir: Path) -> str | None:
+    """The local copy of the newest complete trainer checkpoint under `state_uri` made for the
+    same job (`fingerprint`), or None; state left by another job is removed and this job's
+    fingerprint written."""
+    remote_fs, root = _state_fs(state_uri, fs)
+    remote_fs.invalidate_cache(root)
+    job_key = f"{root}/{STATE_JOB_FILE}"
+    if remote_fs.exists(job_key) and json.loads(remote_fs.cat_file(job_key)).get("fingerprint") == fingerprint:
+        steps = sorted(
+            (step, path)
+            for path in remote_fs.ls(root, detail=False)
+            if (step := _checkpoint_step(path)) is not None and remote_fs.exists(f"{path.rstrip('/')}/{STATE_COMPLETE_MARKER}")
+        )
+        if steps:
+            step, path = steps[-1]
+            local = local_dir / f"checkpoint-{step}"
+            remote_fs.get(path.rstrip("/"), str(local), recursive=True)
+            logger.info("resuming training from the trainer checkpoint at step %d (%s)", step, path)
+            return str(local)
+        return None
+    if remote_fs.exists(root):
+        logger.info("discarding trainer state at %s: it belongs to another training job", state_uri)
+        remote_fs.rm(root, recursive=True)
+    remote_fs.makedirs(root, exist_ok=True)
+    remote_fs.pipe_file(job_key, json.dumps({"fingerprint": fingerprint}).encode("utf-8"))
+    return None
+
+
 def train_dpo(
     pairs: pd.DataFrame,
     base: ModelRef,
@@ -502,68 +893,116 @@ def train_dpo(
     config: TrainingConfig,
     fs: fsspec.AbstractFileSystem | None = None,
     work_dir: str | Path | None = None,
+    adapter_uri: str | None = None,
+    state_uri: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Train M_i from `base` (M_{i-1}, also the DPO reference) on `pairs` and save it at `output_uri`.
 
-    `fs` reaches both the base and the output (an fsspec filesystem with endpoint and
+    `fs` reaches the base, the outputs and the state (an fsspec filesystem with endpoint and
     credentials; default: from the URLs). `work_dir` holds the trainer's scratch files (default:
-    a temporary folder removed afterwards). Raises `ValueError` for bad or empty pairs (see the
-    module docstring), `CheckpointError` for a base that does not verify.
+    a temporary folder removed afterwards). With `config.lora`, the adapter is saved at
+    `adapter_uri` (default: the folder `adapter` beside `output_uri`). With `config.save_steps`,
+    trainer checkpoints go to `state_uri` (None: not kept) and a re-run resumes from the newest;
+    the state is removed once M_i is saved. `callbacks`: extra TrainerCallbacks (one process only).
+    Raises `ValueError` for bad or empty pairs (see the module docstring), `CheckpointError` for a
+    base that does not verify.
     """
     from transformers import AutoTokenizer
 
     if output_uri.rstrip("/") == base.uri.rstrip("/"):
         raise ValueError(f"output_uri {output_uri!r} is the base checkpoint's location; the new model needs its own")
+    if callbacks and config.num_processes > 1:
+        raise ValueError("callbacks run in this process only; they need training.num_processes 1")
     check_pairs(pairs)
     base_dir = materialize(base, fs)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     prepared = prepare_examples(pairs, tokenizer, config)
     if not prepared.examples:
         raise NoTrainablePairs(len(pairs), prepared.n_dropped)
+    kept, mixing = select_mix(
+        [example[KIND] for example in prepared.examples], config.max_judge_pairs, config.judge_pairs_ratio, config.seed
+    )
+    examples = [prepared.examples[position] for position in kept]
+    used_by_kind = {KIND_ACTOR: mixing["actor_used"], KIND_JUDGE: mixing["judge_used"]}
     precision = resolve_precision(config.precision)
     logger.info(
-        "DPO on %d pairs (%s) from %s, %s; dropped %s, truncated %d",
-        len(prepared.examples),
-        prepared.n_by_kind,
-        base.uri,
-        precision,
-        prepared.n_dropped,
-        prepared.n_truncated,
-    )
+        "DPO on %d pairs (%s) from %s, %s, %d process(es); dropped %s, truncated %d, judge pairs left out %d",
+        len(examples), used_by_kind, base.uri, precision, config.num_processes,
+        prepared.n_dropped, prepared.n_truncated, mixing["judge_left_out"],
+    )  # fmt: skip
+    adapter_uri = adapter_uri or _sibling_uri(output_uri, "adapter")
+    keep_state = bool(state_uri and config.save_steps)
 
-    if work_dir is not None:
-        fitted = fit_dpo(base_dir, prepared.examples, config, Path(work_dir), precision)
-    else:
-        with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
-            fitted = fit_dpo(base_dir, prepared.examples, config, Path(scratch), precision)
-    source = {
-        "kind": "dpo",
-        "base_uri": base.uri,
-        "base_sha256": base.sha256,
-        "n_pairs_used": len(prepared.examples),
-        "n_pairs_used_by_kind": prepared.n_by_kind,
-        "n_pairs_dropped": prepared.n_dropped,
-        "n_pairs_truncated": prepared.n_truncated,
-        "n_steps": fitted.n_steps,
-        "precision": precision,
-        "config": config.model_dump(),
-        "trl": importlib.metadata.version("trl"),
-        "transformers": importlib.metadata.version("transformers"),
-    }
-    new_ref = save_checkpoint(fitted.model, fitted.tokenizer, output_uri, fs=fs, source=source)
-    metrics = metrics_table(fitted.log_history)
-    train_seconds = fitted.train_seconds
-    del fitted
-    _free_memory()
+    with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
+        scratch_dir = Path(scratch)
+        examples_path = scratch_dir / "examples.json"
+        examples_path.write_text(json.dumps(examples))
+        resume_from = None
+        if keep_state:
+            fingerprint = _job_fingerprint(base, examples, config, precision)
+            resume_from = _prepare_resume(state_uri, fs, fingerprint, scratch_dir / "resume")
+        job = TrainJob(
+            model_dir=str(base_dir),
+            examples_path=str(examples_path),
+            config=config.model_dump(mode="json"),
+            precision=precision,
+            work_dir=str(Path(work_dir) if work_dir is not None else scratch_dir / "trainer"),
+            model_out=str(scratch_dir / "model"),
+            adapter_out=str(scratch_dir / "adapter") if config.lora is not None else None,
+            state_uri=state_uri if keep_state else None,
+            resume_from=resume_from,
+            result_path=str(scratch_dir / "result.json"),
+            fs_json=fs.to_json() if fs is not None and keep_state and config.num_processes > 1 else None,
+        )
+        if config.num_processes == 1:
+            run_job(job, fs=fs, callbacks=callbacks)
+        else:
+            run_child(job, scratch_dir, config)
+        fitted = json.loads(Path(job.result_path).read_text())
+        resumed_from_step = _checkpoint_step(resume_from) if resume_from else 0
+        source = {
+            "kind": "dpo",
+            "base_uri": base.uri,
+            "base_sha256": base.sha256,
+            "n_pairs_used": len(examples),
+            "n_pairs_used_by_kind": used_by_kind,
+            "n_pairs_dropped": prepared.n_dropped,
+            "n_pairs_truncated": prepared.n_truncated,
+            "mixing": mixing,
+            "n_steps": fitted["n_steps"],
+            "resumed_from_step": resumed_from_step,
+            "num_processes": config.num_processes,
+            "precision": precision,
+            "config": config.model_dump(mode="json"),
+            "trl": importlib.metadata.version("trl"),
+            "transformers": importlib.metadata.version("transformers"),
+        }
+        adapter_ref = None
+        if job.adapter_out is not None:
+            adapter_files = _SavedFolder(Path(job.adapter_out))
+            adapter_source = source | {"kind": "dpo-lora-adapter", "peft": importlib.metadata.version("peft")}
+            adapter_ref = save_checkpoint(adapter_files, adapter_files, adapter_uri, fs=fs, source=adapter_source)
+            source["adapter_uri"], source["adapter_sha256"] = adapter_ref.uri, adapter_ref.sha256
+        model_files = _SavedFolder(Path(job.model_out))
+        new_ref = save_checkpoint(model_files, model_files, output_uri, fs=fs, source=source)
+    if keep_state:
+        remote_fs, root = _state_fs(state_uri, fs)
+        if remote_fs.exists(root):
+            remote_fs.rm(root, recursive=True)
     logger.info("saved %s (sha256 %s)", new_ref.uri, new_ref.sha256)
     return TrainResult(
         model=new_ref,
-        metrics=metrics,
-        n_pairs_used=len(prepared.examples),
-        n_pairs_used_by_kind=prepared.n_by_kind,
+        metrics=metrics_table(fitted["log_history"]),
+        n_pairs_used=len(examples),
+        n_pairs_used_by_kind=used_by_kind,
         n_pairs_dropped=prepared.n_dropped,
         n_pairs_truncated=prepared.n_truncated,
-        n_steps=source["n_steps"],
+        n_steps=fitted["n_steps"],
         precision=precision,
-        train_seconds=train_seconds,
+        mixing=mixing,
+        adapter=adapter_ref,
+        resumed_from_step=resumed_from_step,
+        num_processes=config.num_processes,
+        train_seconds=fitted["train_seconds"],
     )
