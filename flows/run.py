@@ -6,6 +6,9 @@ and stops after iteration `max_iterations`. It also stops, with the reason in th
 outcome, when an iteration had no preference pairs and so trained no model: a later iteration
 would see the same model again. `refresh=True` starts again from M0 and runs every stage again instead of taking its cached result.
 
+After each trained iteration, old checkpoints are pruned by `keep_last_checkpoints`
+(`metareward.checkpoints.prune_checkpoints`); resuming needs only the newest, which is always kept.
+
 `read_history` (a plain function, also behind `metareward status`) reads what storage holds of a run.
 """
 
@@ -19,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.iteration import IterationOutcome, iteration_flow
-from metareward.checkpoints import ModelRef, resolve_model
+from metareward.checkpoints import MANIFEST_NAME, CheckpointRetention, ModelRef, prune_checkpoints, resolve_model
 from metareward.config import RunConfig
 from metareward.stages import SUMMARY
 from metareward.storage import StorageConfig, Store, is_complete, read_artifact
@@ -30,6 +33,7 @@ class IterationRecord(BaseModel):
     """What storage holds of one iteration.
 
     complete: its summary artifact exists. trained: it produced a checkpoint (`model`).
+    pruned: that checkpoint is no longer in storage (removed by `keep_last_checkpoints`, or by hand).
     stages: every stage's summary (counts, drops, metrics) from the summary artifact, by stage name.
     artifacts: the names of the artifacts present and complete under `iter-{i}/`.
     """
@@ -40,6 +44,7 @@ class IterationRecord(BaseModel):
     complete: bool
     trained: bool = False
     model: ModelRef | None = None
+    pruned: bool = False
     message: str | None = None
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     artifacts: list[str] = Field(default_factory=list)
@@ -69,6 +74,7 @@ def read_history(store: Store, run: str) -> list[IterationRecord]:
                 complete=True,
                 trained=model is not None,
                 model=model,
+                pruned=model is not None and not store.exists(store.join(model.uri, MANIFEST_NAME)),
                 message=trained.get("message"),
                 stages=stages,
                 artifacts=artifacts,
@@ -116,6 +122,17 @@ def resolve_seed_model(spec: str, storage: StorageConfig) -> ModelRef:
     return resolve_model(spec, fs=store.fs if store.protocol == "s3" and spec.startswith("s3://") else None)
 
 
+@task(name="prune-checkpoints", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
+def prune_checkpoints_task(storage: StorageConfig, run: str, keep_last: int | None, newest: int) -> CheckpointRetention:
+    """Old checkpoints of the run removed by the retention setting, keeping iteration `newest`'s."""
+    retention = prune_checkpoints(Store(storage), run, keep_last, newest)
+    if retention.pruned:
+        get_run_logger().info(
+            "pruned %d checkpoint(s) (keep_last_checkpoints %d): %s", len(retention.pruned), keep_last, ", ".join(retention.pruned)
+        )
+    return retention
+
+
 @flow(name="metareward-run", flow_run_name="{config.name}")
 def run_flow(config: RunConfig, refresh: bool = False, max_new_iterations: int | None = None) -> RunOutcome:
     """Run `config` from where storage says it stands up to `max_iterations` (at most
@@ -145,6 +162,7 @@ def run_flow(config: RunConfig, refresh: bool = False, max_new_iterations: int |
             logger.warning(stopped)
             break
         model = outcome.model
+        prune_checkpoints_task(config.storage, config.name, config.keep_last_checkpoints, iteration)
     if stopped is None:
         stopped = (
             f"reached max_iterations ({config.max_iterations})"

@@ -164,6 +164,12 @@ def iterate(
                 f"{sum(record.trained for record in done)} trained iteration(s) in {store.root}[/red]"
             )
             raise typer.Exit(2)
+        if done[iteration - 2].pruned:
+            console.print(
+                f"[red]iteration {iteration} starts from M{iteration - 1}, whose checkpoint was pruned "
+                f"(keep_last_checkpoints: {config.keep_last_checkpoints}); `metareward run --refresh` trains the run again from M0[/red]"
+            )
+            raise typer.Exit(2)
         base = done[iteration - 2].model
     with _TerminalProgress():
         outcome = iteration_flow(config, iteration, base, refresh)
@@ -216,7 +222,7 @@ def _print_status(store, run: str) -> list:
         table.add_row(
             str(record.iteration),
             state,
-            record.model.sha256[:12] if record.model else "-",
+            (record.model.sha256[:12] + (" (pruned)" if record.pruned else "")) if record.model else "-",
             _number(stages.get("sample_prompts", {}).get("prompts")),
             _number(stages.get("generate", {}).get("responses")),
             _number(judge.get("judgments")),
