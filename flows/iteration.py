@@ -4,6 +4,9 @@ The flow is the list of its stages (one task each, `tasks.stages`):
 
     sample prompts -> generate -> judge -> [meta-judge] -> actor pairs -> [judge pairs] -> train -> summary
 
+then the `report` task (`tasks.report`): the iteration's diagnostics, written beside its artifacts
+and shown in the UI; it is not a stage (not cached, not in the outcome's `states`).
+
 Meta-judging and judge pairs run only in an iteration that trains judge pairs
 (`pairs.train_judge_pairs`, per-iteration override). Every task is cached by checkpoint hash
 (`metareward.caching`), with its cache record in the run's own store, so running a finished
@@ -25,6 +28,7 @@ from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
 from metareward.stages import StageResult
 from metareward.storage import StorageConfig
+from tasks.report import report
 from tasks.stages import STAGE_TASKS, configured
 
 
@@ -81,6 +85,7 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
         judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
     trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
     stage("summary", storage, settings, model, list(stage.results.values()))
+    report(storage, settings)  # diagnostics of what the iteration wrote (metareward.report), in storage and the UI
 
     message = trained.summary.get("message") if trained.model is None else None
     logger = get_run_logger()
