@@ -66,10 +66,9 @@ ACTOR_CHOSEN_CHARS = "actor_chosen_chars"
 ACTOR_REJECTED_CHARS = "actor_rejected_chars"
 HISTOGRAM_COLUMNS = ("iteration", "histogram", "bin_left", "bin_right", "count")
 
-# Scores are integers 0-5: one bin centred on each, [k - 0.5, k + 0.5). A response's mean score
-# moves in finer steps: bins of 0.5 centred on 0, 0.5, ..., 5.
-_JUDGMENT_SCORE_EDGES = np.arange(-0.5, TOP_SCORE + 1.0, 1.0)
-_RESPONSE_SCORE_EDGES = np.arange(-0.25, TOP_SCORE + 0.5, 0.5)
+# Scores lie on 0-5, integers at first and fractions such as 4.5 and 4.75 from trained judges (the
+# spec), and a response's mean in steps of 1/N: bins of a quarter point centred on 0, 0.25, ..., 5.
+_SCORE_EDGES = np.arange(-0.125, TOP_SCORE + 0.25, 0.25)
 
 
 @dataclass
@@ -365,16 +364,16 @@ def _typed_row(row: Mapping[str, Any]) -> pd.DataFrame:
 
 def iteration_histograms(tables: IterationTables) -> pd.DataFrame:
     """The distributions behind the metrics, long format (columns HISTOGRAM_COLUMNS): valid judgment
-    scores (one bin centred on each integer score), response mean scores (bins of 0.5), response lengths in
+    scores and response mean scores (bins of a quarter point centred on 0, 0.25, ..., 5), response lengths in
     characters and tokens (LENGTH_BINS bins over [0, longest]), and the chosen and rejected actor
     pairs' lengths on the response characters' bins. A table the iteration lacks gives no rows."""
     parts = []
     i = tables.iteration
     if tables.judgments is not None:
         valid = tables.judgments[STATUS].isin(VALID_STATUSES).to_numpy()
-        parts.append(_histogram(i, JUDGMENT_SCORE, tables.judgments.loc[valid, SCORE].astype("float64"), _JUDGMENT_SCORE_EDGES))
+        parts.append(_histogram(i, JUDGMENT_SCORE, tables.judgments.loc[valid, SCORE].astype("float64"), _SCORE_EDGES))
     if tables.scores is not None:
-        parts.append(_histogram(i, RESPONSE_SCORE, tables.scores[SCORE_MEAN].astype("float64"), _RESPONSE_SCORE_EDGES))
+        parts.append(_histogram(i, RESPONSE_SCORE, tables.scores[SCORE_MEAN].astype("float64"), _SCORE_EDGES))
     if tables.responses is not None:
         chars = tables.responses[RESPONSE].str.len().astype("float64")
         tokens = tables.responses[N_TOKENS].astype("float64")

@@ -79,10 +79,11 @@ def test_judge_statuses_by_cause_and_the_score_distribution():
     assert row["judge_score_var"] == pytest.approx(valid.var(ddof=0))
 
     histograms = dx.iteration_histograms(made.tables)
-    scores = histograms[histograms["histogram"] == dx.JUDGMENT_SCORE].set_index("bin_left")["count"]
-    assert scores.sum() == 18
+    scores = histograms[histograms["histogram"] == dx.JUDGMENT_SCORE]
+    centres = (scores["bin_left"] + scores["bin_right"]) / 2
+    assert centres.iloc[0] == 0.0 and centres.iloc[-1] == 5.0 and len(scores) == 21
     # scores are r + j for r in 0..2, j in 0..1: 0 once per prompt, 1 and 2 twice, 3 once
-    assert scores.to_dict() == {-0.5: 3, 0.5: 6, 1.5: 6, 2.5: 3, 3.5: 0, 4.5: 0}
+    assert dict(zip(centres[scores["count"] > 0], scores["count"][scores["count"] > 0])) == {0.0: 3, 1.0: 6, 2.0: 6, 3.0: 3}
 
 
 def test_actor_lengths_pairs_and_drops():
@@ -140,3 +141,12 @@ def test_a_verdict_on_a_judgment_missing_from_the_judgments_counts_for_no_bias()
     involved = ((meta_judgments["judgment_a_id"] == first["judgment_a_id"]) | (meta_judgments["judgment_b_id"] == first["judgment_a_id"])).sum()
     assert row["meta_length_bias_comparisons"] == len(meta_judgments) - involved
     assert row["meta_length_bias"] == 1.0 and not math.isnan(row["meta_score_bias"])
+
+
+def test_fractional_scores_keep_their_own_bin():
+    made = hand_made_iteration(score=lambda p, r, j: 4.75 if j else 4.5, winner=None)
+    histograms = dx.iteration_histograms(made.tables)
+    scores = histograms[(histograms["histogram"] == dx.JUDGMENT_SCORE) & (histograms["count"] > 0)]
+    centres = (scores["bin_left"] + scores["bin_right"]) / 2
+    assert dict(zip(centres, scores["count"])) == {4.5: 9, 4.75: 18}
+    assert dx.iteration_metrics(made.tables).iloc[0]["judge_top_score_share"] == 0.0
