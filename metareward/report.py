@@ -62,16 +62,16 @@ LENGTHS_PLOT = "lengths.png"
 ITERATION_PLOTS = (SCORES_PLOT, LENGTHS_PLOT)
 TREND_PLOTS = ("trend-scores.png", "trend-lengths.png", "trend-biases.png", "trend-pairs.png")
 
-# The artifacts diagnostics read, by `IterationTables` field; each may be missing.
+# The artifacts diagnostics read: `IterationTables` field -> (artifact, the stage that writes it).
 _INPUTS = {
-    "responses": RESPONSES,
-    "judgments": JUDGMENTS,
-    "scores": SCORES,
-    "meta_judgments": META_JUDGMENTS,
-    "elo": ELO,
-    "actor_pairs": ACTOR_PAIRS,
-    "judge_pairs": JUDGE_PAIRS,
-    "train": TRAIN,
+    "responses": (RESPONSES, "generate"),
+    "judgments": (JUDGMENTS, "judge"),
+    "scores": (SCORES, "judge"),
+    "meta_judgments": (META_JUDGMENTS, "meta_judge"),
+    "elo": (ELO, "judge_pairs"),
+    "actor_pairs": (ACTOR_PAIRS, "actor_pairs"),
+    "judge_pairs": (JUDGE_PAIRS, "judge_pairs"),
+    "train": (TRAIN, "train"),
 }
 
 # The metrics the pages show, by section; every other column stays in the Parquet row.
@@ -132,33 +132,44 @@ class RunReport:
 
 
 def read_iteration_tables(store: Store, run: str, iteration: int) -> tuple[dx.IterationTables, dict[str, str]]:
-    """The iteration's tables (None where an artifact is missing) and the stage summaries from its
-    `summary` artifact, plus the keys of what was read, by artifact name (`input_keys`). The summary must
-    be complete (the iteration finished); a missing one raises FileNotFoundError naming it."""
+    """The iteration's tables (None where the iteration wrote none) and the stage summaries from its
+    `summary` artifact, plus the keys of what was read, by artifact name (`input_keys`)."""
+    summary, uris, keys = _inputs(store, run, iteration)
+    tables = dx.IterationTables(
+        iteration=iteration, summaries={str(stage): json.loads(text) for stage, text in zip(summary["stage"], summary["summary"])}
+    )
+    for attribute, uri in uris.items():
+        setattr(tables, attribute, read_artifact(store, uri))
+    return tables, keys
+
+
+def input_keys(store: Store, run: str, iteration: int) -> dict[str, str]:
+    """The keys of the artifacts diagnostics read, by artifact name: the summary and each complete
+    artifact of a stage the summary lists (`_inputs`)."""
+    return _inputs(store, run, iteration)[2]
+
+
+def _inputs(store: Store, run: str, iteration: int) -> tuple[pd.DataFrame, dict[str, str], dict[str, str]]:
+    """The summary table, the URIs to read by `IterationTables` field, and their keys by artifact name.
+
+    Only the artifacts of stages the summary lists with an artifact are read: artifacts stay at
+    fixed places, so a stage that did not run this time (no meta-judge after `train_judge_pairs`
+    was turned off, no `train` table when the pairs were all dropped) may have left the table of an
+    earlier run of the same iteration, which is not this iteration's. The summary must be complete
+    (the iteration finished); a missing one raises FileNotFoundError naming it."""
     summary_uri = store.stage_uri(run, iteration, SUMMARY)
     if not is_complete(store, summary_uri):
         raise FileNotFoundError(f"iteration {iteration} of run {run!r} has no complete summary at {summary_uri}: it did not finish")
     keys = {SUMMARY: _key(read_manifest(store, summary_uri))}
     summary = read_artifact(store, summary_uri)
-    tables = dx.IterationTables(
-        iteration=iteration, summaries={str(stage): json.loads(text) for stage, text in zip(summary["stage"], summary["summary"])}
-    )
-    for attribute, name in _INPUTS.items():
+    wrote = {str(stage) for stage, uri in zip(summary["stage"], summary["uri"]) if uri}
+    uris = {}
+    for attribute, (name, stage) in _INPUTS.items():
         uri = store.stage_uri(run, iteration, name)
-        if is_complete(store, uri):
+        if stage in wrote and is_complete(store, uri):
             keys[name] = _key(read_manifest(store, uri))
-            setattr(tables, attribute, read_artifact(store, uri))
-    return tables, keys
-
-
-def input_keys(store: Store, run: str, iteration: int) -> dict[str, str]:
-    """The keys of the complete artifacts diagnostics read, by name (from their manifests only)."""
-    keys = {}
-    for name in (SUMMARY, *_INPUTS.values()):
-        uri = store.stage_uri(run, iteration, name)
-        if is_complete(store, uri):
-            keys[name] = _key(read_manifest(store, uri))
-    return keys
+            uris[attribute] = uri
+    return summary, uris, keys
 
 
 def _key(manifest: Mapping[str, Any]) -> str:

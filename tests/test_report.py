@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -128,3 +129,14 @@ def test_report_command_publishes_the_page_through_the_report_flow(prefect_api, 
     assert "| meta_position_bias | 1 | - |" in page.data
     rows = json.loads(Artifact.get(f"{RUN}-report-rows").data)
     assert [row["iteration"] for row in rows] == [1, 2] and rows[1]["judge_all_same_share"] == 1.0
+
+
+def test_tables_left_by_an_earlier_run_of_the_iteration_are_not_read(run_folder):
+    # iteration 1 run again without judge pairs and with every pair dropped before training: its
+    # meta_judgments, elo, judge_pairs and train tables from the first run stay in storage
+    write_iteration(run_folder, RUN, hand_made_iteration(1, winner=None, train_losses=None))
+    assert is_complete(run_folder, run_folder.stage_uri(RUN, 1, "meta_judgments"))
+    row = run_report.write_iteration_diagnostics(run_folder, RUN, 1).metrics.iloc[0]
+    assert row["meta_judgments"] is pd.NA and pd.isna(row["meta_position_bias"]) and row["judge_pairs"] is pd.NA
+    assert row["train_trained"] == False and pd.isna(row["train_final_loss"])  # noqa: E712 (a nullable boolean)
+    assert row["actor_pairs"] == 3
