@@ -46,7 +46,7 @@ from metareward.stages import (
     SUMMARY,
     TRAIN,
 )
-from metareward.storage import ArtifactInfo, Store, is_complete, read_artifact, read_manifest, write_artifact
+from metareward.storage import MANIFEST_FILE, ArtifactInfo, Store, is_complete, read_artifact, read_manifest, write_artifact
 
 DIAGNOSTICS = "diagnostics"
 HISTOGRAMS = "histograms"
@@ -198,9 +198,10 @@ def write_iteration_diagnostics(store: Store, run: str, iteration: int) -> Itera
     def info(part: str) -> ArtifactInfo:
         return ArtifactInfo(stage=STAGE, schema_version=SCHEMA_VERSION, fingerprint=_fingerprint(keys, part), upstream=upstream)
 
+    uri = store.stage_uri(run, iteration, DIAGNOSTICS)
+    store.rm(store.join(uri, MANIFEST_FILE))  # an old manifest must not vouch for the new histograms and plots
     histograms_uri = store.stage_uri(run, iteration, HISTOGRAMS)
     write_artifact(store, histograms_uri, histograms, info(HISTOGRAMS))
-    uri = store.stage_uri(run, iteration, DIAGNOSTICS)
     plots = iteration_plots(histograms, iteration)
     for name, png in plots.items():
         store.write_bytes(png, store.join(uri, name))
