@@ -12,7 +12,8 @@ Meta-judging and judge pairs run only in an iteration that trains judge pairs
 (`metareward.caching`), with its cache record in the run's own store, so running a finished
 iteration again loads no model and every stage ends `Cached`; `refresh=True` runs every stage
 again, sharded stages included (their shards in storage are discarded), and overwrites its record. Training releases the serving engines before DPO (in
-`metareward.stages.train`). An iteration without any pair trains nothing: its outcome has no
+`metareward.stages.train`). On a GPU machine the flow holds a concurrency slot of every GPU it
+sees from generate through train (`flows.concurrency`), so two flows never share a GPU. An iteration without any pair trains nothing: its outcome has no
 model and a message saying why.
 """
 
@@ -23,6 +24,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.concurrency import gpu_slot_names, hold_slots
+from flows.evaluate import evaluate_flow
 from metareward.caching import ensure_run_cache_storage
 from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
@@ -75,17 +78,21 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
     stage = _Stages(storage, settings.run, refresh)
 
     prompts = stage("sample_prompts", storage, settings)
-    responses = stage("generate", storage, settings, model, prompts)
-    judgments = stage("judge", storage, settings, model, prompts, responses)
-    meta_judgments = judge_pairs = None
-    if settings.pairs.train_judge_pairs:
-        meta_judgments = stage("meta_judge", storage, settings, model, prompts, responses, judgments)
-    actor_pairs = stage("actor_pairs", storage, settings, model, prompts, responses, judgments)
-    if meta_judgments is not None:
-        judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
-    trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
+    # The engines stay loaded from generate to train: the GPUs are this flow's for that whole span.
+    with hold_slots(gpu_slot_names(), f"iteration {iteration} GPU stages"):
+        responses = stage("generate", storage, settings, model, prompts)
+        judgments = stage("judge", storage, settings, model, prompts, responses)
+        meta_judgments = judge_pairs = None
+        if settings.pairs.train_judge_pairs:
+            meta_judgments = stage("meta_judge", storage, settings, model, prompts, responses, judgments)
+        actor_pairs = stage("actor_pairs", storage, settings, model, prompts, responses, judgments)
+        if meta_judgments is not None:
+            judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
+        trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
     stage("summary", storage, settings, model, list(stage.results.values()))
     report(storage, settings)  # diagnostics of what the iteration wrote (metareward.report), in storage and the UI
+    if config.evaluation.at_end_of_iteration and trained.model is not None:
+        evaluate_flow(config, iteration, trained.model, model, refresh)
 
     message = trained.summary.get("message") if trained.model is None else None
     logger = get_run_logger()

@@ -15,12 +15,13 @@ After each trained iteration, old checkpoints are pruned by `keep_last_checkpoin
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.concurrency import hold_slots, run_slot_name
 from flows.iteration import IterationOutcome, iteration_flow
 from metareward.checkpoints import MANIFEST_NAME, CheckpointRetention, ModelRef, prune_checkpoints, resolve_model
 from metareward.config import RunConfig
@@ -122,6 +123,12 @@ def resolve_seed_model(spec: str, storage: StorageConfig) -> ModelRef:
     return resolve_model(spec, fs=store.fs if store.protocol == "s3" and spec.startswith("s3://") else None)
 
 
+def _newest_checkpoint(config: RunConfig, done: list[IterationRecord]) -> ModelRef:
+    """The checkpoint the run continues from: the last trained iteration's, else M0."""
+    trained = [record for record in done if record.trained]
+    return trained[-1].model if trained else resolve_seed_model(config.model, config.storage)
+
+
 @task(name="prune-checkpoints", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
 def prune_checkpoints_task(storage: StorageConfig, run: str, keep_last: int | None, newest: int) -> CheckpointRetention:
     """Old checkpoints of the run removed by the retention setting, keeping iteration `newest`'s."""
@@ -134,15 +141,37 @@ def prune_checkpoints_task(storage: StorageConfig, run: str, keep_last: int | No
 
 
 @flow(name="metareward-run", flow_run_name="{config.name}")
-def run_flow(config: RunConfig, refresh: bool = False, max_new_iterations: int | None = None) -> RunOutcome:
+def run_flow(
+    config: RunConfig,
+    refresh: bool = False,
+    max_new_iterations: int | None = None,
+    if_busy: Literal["wait", "skip"] = "wait",
+) -> RunOutcome:
     """Run `config` from where storage says it stands up to `max_iterations` (at most
-    `max_new_iterations` more when given); `refresh` starts from M0 and runs every stage again."""
+    `max_new_iterations` more when given); `refresh` starts from M0 and runs every stage again.
+
+    Only one flow run works on a named run at a time (`flows.concurrency`): while another holds
+    the run, `if_busy="wait"` waits for it and `"skip"` ends at once, changing nothing."""
+    with hold_slots([run_slot_name(config.name)], f"run {config.name}", wait=if_busy == "wait") as held:
+        if held:
+            return _continue_run(config, refresh, max_new_iterations)
+        stopped = "skipped: another flow run is working on this run (its slot is held); nothing changed"
+        get_run_logger().warning("run %s %s", config.name, stopped)
+        done = completed_prefix(read_history_task(config.storage, config.name))
+        return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=_newest_checkpoint(config, done))
+
+
+def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | None) -> RunOutcome:
+    """The body of `run_flow`, run while it holds the run's slot."""
     logger = get_run_logger()
     done = [] if refresh else completed_prefix(read_history_task(config.storage, config.name))
-    trained = [record for record in done if record.trained]
-    model = trained[-1].model if trained else resolve_seed_model(config.model, config.storage)
+    model = _newest_checkpoint(config, done)
     if done:
         logger.info("run %s: iterations 1-%d are complete in storage", config.name, len(done))
+    if len(done) >= config.max_iterations and done[-1].trained:
+        stopped = f"finished: iterations 1-{len(done)} of max_iterations {config.max_iterations} are complete; nothing to do"
+        logger.info("run %s %s (newest checkpoint %s)", config.name, stopped, model.uri)
+        return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
     if done and not done[-1].trained:
         stopped = f"iteration {done[-1].iteration} trained no model, so the run cannot go on: {done[-1].message}"
         logger.warning(stopped)
