@@ -7,7 +7,7 @@ BASE_CONSTRAINTS := configs/constraints/base.txt
 # One cache for the converted seed model (and remote checkpoints), shared by both environments' test runs.
 export METAREWARD_CACHE ?= $(CURDIR)/.cache/metareward
 
-.PHONY: install test test-base test-vllm venv-gpu demo clean
+.PHONY: install test test-base test-vllm venv-gpu demo clean serve browser
 
 $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,28 @@ install: $(VENV)/.installed
 
 test: test-base test-vllm
 
-test-base: install
+test-base: install browser
 	$(VENV)/bin/python -m pytest -m "not vllm"
 
 demo: install
 	$(VENV)/bin/metareward run configs/demo.yaml
+
+# Debian's chromium and its driver, which tests/test_operations.py drives on the Prefect UI (CI runs as root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
+# A Prefect server on 127.0.0.1 and the deployments of deployments/serve.py (CONFIG: the run they work on).
+# Ctrl-C stops both (the served nightly schedule is paused while nothing serves it). docs/operations.md.
+SERVE_PORT ?= 4200
+CONFIG ?= configs/demo.yaml
+serve: install
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(SERVE_PORT) > .prefect-server.log 2>&1 & \
+	server=$$!; trap 'kill $$server' EXIT INT TERM; \
+	until curl -sf http://127.0.0.1:$(SERVE_PORT)/api/health >/dev/null; do \
+		kill -0 $$server 2>/dev/null || { cat .prefect-server.log; exit 1; }; sleep 1; done; \
+	echo "Prefect UI: http://127.0.0.1:$(SERVE_PORT)  (server log: .prefect-server.log)"; \
+	PREFECT_API_URL=http://127.0.0.1:$(SERVE_PORT)/api $(VENV)/bin/python deployments/serve.py --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) .venv-vllm
