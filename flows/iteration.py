@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import gpu_slot_names, hold_slots
 from flows.evaluate import evaluate_flow
-from flows.evaluate import evaluate_flow
 from metareward.caching import ensure_run_cache_storage
 from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
@@ -91,8 +90,6 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
             judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
         trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
     stage("summary", storage, settings, model, list(stage.results.values()))
-    if config.evaluation.at_end_of_iteration and trained.model is not None:
-        evaluate_flow(config, iteration, trained.model, model, refresh)
     report(storage, settings)  # diagnostics of what the iteration wrote (metareward.report), in storage and the UI
     if config.evaluation.at_end_of_iteration and trained.model is not None:
         evaluate_flow(config, iteration, trained.model, model, refresh)
