@@ -13,6 +13,7 @@ already in storage for the same inputs are reused unless `refresh`.
 It runs on its own (`metareward evaluate CONFIG [--iteration i]`) and, with
 `evaluation.at_end_of_iteration`, as a subflow at the end of each iteration that trained a model.
 One model is loaded at a time (`metareward.evaluation.EngineSlot`); every engine is released at the end.
+On a GPU machine the flow holds the GPUs' concurrency slots (`flows.concurrency`) while it works.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.concurrency import gpu_slot_names, hold_slots
 from metareward import evaluation
 from metareward.checkpoints import ModelRef, resolve_model
 from metareward.config import RunConfig
@@ -132,11 +134,13 @@ def evaluate_flow(
     the held-out prompts, and both models' judge accuracy on the preference set."""
     models = resolve_models(config, iteration, model, baseline)
     engines = evaluation.EngineSlot(Store(config.storage))
-    try:
-        win = win_rate(config, models, engines, refresh)
-        accuracy = judge_accuracy(config, models, engines, refresh)
-    finally:
-        engines.release()
+    # Like an iteration's GPU stages, the evaluation holds every GPU it sees while it loads models.
+    with hold_slots(gpu_slot_names(), f"evaluation of iteration {models.iteration}"):
+        try:
+            win = win_rate(config, models, engines, refresh)
+            accuracy = judge_accuracy(config, models, engines, refresh)
+        finally:
+            engines.release()
     create_markdown_artifact(
         evaluation.evaluation_markdown(config.name, models.iteration, win, accuracy),
         key=artifact_key(config.for_iteration(models.iteration), "evaluation", "summary"),

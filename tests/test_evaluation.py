@@ -154,3 +154,14 @@ def test_evaluation_runs_at_the_end_of_an_iteration_then_on_its_own_and_from_the
     assert "Win rate of X against Y" in result.output and "Judge accuracy" in result.output
     missing = CliRunner().invoke(app, ["evaluate", str(config_file), "--iteration", "2"])
     assert missing.exit_code == 1 and "iteration 2 of run evaluated has no trained checkpoint" in missing.output
+
+
+def test_the_evaluate_flow_takes_the_run_config_model_so_the_ui_renders_a_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.evaluate import evaluate_flow
+
+    schema = parameter_schema(evaluate_flow.fn).model_dump_for_openapi()
+    assert schema["properties"]["config"]["$ref"].endswith("/RunConfig")
+    assert {"RunConfig", "EvaluationConfig", "ModelRef"} <= set(schema["definitions"])
+    assert schema["required"] == ["config"]
