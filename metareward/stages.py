@@ -702,6 +702,11 @@ def judge_pairs(
 # ----------------------------------------------------------------------------------------------
 # train
 
+# Folders of the train stage under {root}/{run}/iter-{i}/ besides `model` (M_i): the LoRA adapter
+# (a checkpoint a vLLM engine serves as a LoRA) and the trainer checkpoints a killed stage resumes from.
+ADAPTER = "adapter"
+TRAIN_STATE = "train_state"
+
 
 def train(
     store: Store,
@@ -714,9 +719,13 @@ def train(
     """DPO on the union of the iteration's actor pairs and judge pairs (`judge_pairs_uri` None when
     the iteration trains none), reference = `model` (M_{i-1}); M_i is saved at
     `store.checkpoint_uri(run, i)` and returned in `StageResult.model`, the training metrics in the
-    `train` artifact. With no pairs at all, or none left after the training input rules
-    (`metareward.training`), nothing is trained: the result has `model=None` and `summary["message"]`
-    says why; the caller stops the run there."""
+    `train` artifact. Judge pairs are mixed in by `training.max_judge_pairs` / `judge_pairs_ratio`
+    (counts in `summary["mixing"]`). With LoRA the adapter is saved at `{iteration}/adapter`
+    (`summary["adapter"]`); with `training.save_steps` trainer checkpoints go to
+    `{iteration}/train_state` and a re-run after a kill resumes from the newest
+    (`summary["resumed_from_step"]`); the state is removed once M_i is saved. With no pairs at all,
+    or none left after the training input rules (`metareward.training`), nothing is trained: the
+    result has `model=None` and `summary["message"]` says why; the caller stops the run there."""
     stage = "train"
     upstream = {ACTOR_PAIRS: actor_pairs_uri} | ({JUDGE_PAIRS: judge_pairs_uri} if judge_pairs_uri else {})
     tables, keys = _read_inputs(store, upstream)
@@ -745,6 +754,8 @@ def train(
             output_uri=store.checkpoint_uri(config.run, config.iteration),
             config=config.training,
             fs=_fs(store),
+            adapter_uri=artifact_uri(store, config, ADAPTER),
+            state_uri=artifact_uri(store, config, TRAIN_STATE),
         )
     except NoTrainablePairs as error:
         message = (
@@ -768,12 +779,17 @@ def train(
         "pairs_used_by_kind": dict(result.n_pairs_used_by_kind),
         "dropped": dict(result.n_pairs_dropped),
         "truncated": result.n_pairs_truncated,
+        "mixing": dict(result.mixing),
         "steps": result.n_steps,
+        "resumed_from_step": result.resumed_from_step,
+        "processes": result.num_processes,
         "precision": result.precision,
         "train_seconds": result.train_seconds,
         "final_loss": float(last["loss"]) if "loss" in last else None,
         "checkpoint": result.model.uri,
         "checkpoint_sha256": result.model.sha256,
+        "adapter": result.adapter.uri if result.adapter is not None else None,
+        "adapter_sha256": result.adapter.sha256 if result.adapter is not None else None,
     }
     return StageResult(stage=stage, uri=uri, uris={TRAIN: uri}, key=manifest["fingerprint"], summary=summary, model=result.model)
 

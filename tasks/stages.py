@@ -170,7 +170,10 @@ def train(
     actor_pairs: StageResult,
     judge_pairs: StageResult | None = None,
 ) -> StageResult:
-    """DPO on the union of actor and judge pairs: M_{i-1} -> M_i (the engines are released first)."""
+    """DPO on the actor and judge pairs: M_{i-1} -> M_i (the engines are released first). With
+    `training.num_processes` > 1 the ranks run in a child process group that dies with this
+    process (a cancelled flow run's process is ended, and the group with it); with
+    `training.save_steps` a retried or re-run task resumes from the newest trainer checkpoint."""
     upstream = {"actor_pairs": actor_pairs, "judge_pairs": judge_pairs}
     store = _begin("train", storage, config, model, upstream)
     judge_pairs_uri = judge_pairs.uri if judge_pairs is not None else None
