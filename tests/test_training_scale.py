@@ -215,3 +215,57 @@ def test_mixing_cap_recorded_in_the_manifest(seed_ref: ModelRef, tmp_path: Path)
     manifest = json.loads((materialize(result.model) / MANIFEST_NAME).read_text())
     assert manifest["source"]["mixing"] == result.mixing
     assert manifest["source"]["n_pairs_used"] == 3
+
+
+# --- the child process group ----------------------------------------------------------------------
+
+
+def test_launched_processes_die_with_their_parent(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A parent that starts a long child the way run_child starts `accelerate launch`, then is SIGKILLed:
+    # no cleanup runs in it, and the child must still go.
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from metareward.train_worker import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True, preexec_fn=die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parents[1]))
+    child_pid = int(parent.stdout.readline())
+    os.kill(child_pid, 0)  # alive while the parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"child {child_pid} outlived its killed parent")
+
+
+def test_a_failing_child_reports_its_output(tmp_path: Path) -> None:
+    from metareward.training import TrainJob, run_child
+
+    config = TrainingConfig(num_processes=2)
+    job = TrainJob(
+        model_dir=str(tmp_path / "no-model"),
+        examples_path=str(tmp_path / "no-examples.json"),
+        config=config.model_dump(mode="json"),
+        precision="fp32",
+        work_dir=str(tmp_path / "trainer"),
+        model_out=str(tmp_path / "model"),
+        adapter_out=None,
+        state_uri=None,
+        resume_from=None,
+        result_path=str(tmp_path / "result.json"),
+    )
+    with pytest.raises(RuntimeError, match=r"(?s)exited with \d+.*no-examples\.json"):
+        run_child(job, tmp_path, config)
