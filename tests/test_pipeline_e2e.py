@@ -175,6 +175,16 @@ def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_ru
     judged = json.loads(Artifact.get(f"{RUN}-iter-1-judge-rows").data)
     assert set(JUDGMENTS_COLUMNS) <= set(judged[0])
 
+    # the report task after the summary: the iteration's diagnostics beside its artifacts and in the UI
+    diagnostics_uri = store.stage_uri(RUN, 1, "diagnostics")
+    diagnostics = read_artifact(store, diagnostics_uri)
+    assert diagnostics["iteration"].tolist() == [1]
+    assert diagnostics["judge_judgments"].tolist() == [len(judgments)]
+    assert diagnostics["actor_pairs"].tolist() == [len(actor_pairs)] and diagnostics["judge_pairs"].tolist() == [len(judge_pairs)]
+    assert diagnostics["meta_judgments"].tolist() == [len(meta_judgments)] and diagnostics["train_trained"].tolist() == [True]
+    assert all(store.exists(store.join(diagnostics_uri, name)) for name in ("scores.png", "lengths.png"))
+    assert "data:image/png;base64," in Artifact.get(f"{RUN}-iter-1-diagnostics-summary").data
+
 
 def test_rerunning_the_iteration_is_cached_at_every_stage_and_loads_no_engine(main_run, caplog):
     from flows.iteration import iteration_flow
