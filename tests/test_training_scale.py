@@ -269,3 +269,22 @@ def test_a_failing_child_reports_its_output(tmp_path: Path) -> None:
     )
     with pytest.raises(RuntimeError, match=r"(?s)exited with \d+.*no-examples\.json"):
         run_child(job, tmp_path, config)
+
+
+@pytest.mark.model
+def test_resume_through_s3(seed_ref: ModelRef, moto_s3) -> None:
+    from metareward.storage import Store
+
+    store = Store(moto_s3.storage_config("resume-s3"))
+    output = store.checkpoint_uri("run", 1)
+    state = store.stage_uri("run", 1, "train_state")
+    config = TEST_CONFIG.model_copy(update={"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4})
+    with pytest.raises(Killed):
+        train_dpo(_pairs(GOOD_PAIRS), seed_ref, output, config, fs=store.fs, state_uri=state, callbacks=[_kill_after_first_save()])
+    assert store.exists(store.join(state, "checkpoint-1", STATE_COMPLETE_MARKER))
+
+    resumed = train_dpo(_pairs(GOOD_PAIRS), seed_ref, output, config, fs=store.fs, state_uri=state)
+    assert resumed.resumed_from_step == 1 and resumed.n_steps == 2
+    assert list(resumed.metrics["step"]) == [1, 2]
+    assert resumed.model.uri.startswith("s3://")
+    assert not store.exists(state)
