@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
+    "tests.fixtures.prefect_server",
 ]
