@@ -8,21 +8,9 @@ kills the launcher, the launcher's death kills the ranks, so no rank outlives th
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import sys
 
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when the thread that started it exits (Linux; a
-    no-op elsewhere). Used as `preexec_fn` of the launcher and first thing in each rank."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+from metareward.processes import die_with_parent
 
 
 def main(argv: list[str]) -> None:

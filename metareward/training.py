@@ -74,7 +74,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +87,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from metareward.checkpoints import ModelRef, materialize, save_checkpoint
+from metareward.processes import child_environment, die_with_parent, kill_group
 from metareward.schema import (
     CHOSEN,
     KIND,
@@ -688,16 +688,11 @@ def run_child(job: TrainJob, job_dir: Path, config: TrainingConfig) -> None:
     """Run `job` in `config.num_processes` ranks under `accelerate launch`, in a process group of
     its own that dies with this process; any exception here (a cancelled flow run included) kills
     the group before it propagates. Raises `RuntimeError` with the child's output tail when it fails."""
-    from metareward.engines.vllm import GROUP_EXIT_WAIT_S, _signal_group, _wait_group_gone
-    from metareward.train_worker import die_with_parent
-
     import torch
 
     job_path = job_dir / "job.json"
     job.write(job_path)
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), environment.get("PYTHONPATH", "")) if p)
-    environment.setdefault("HF_HUB_OFFLINE", "1")
+    environment = child_environment()
     if not torch.cuda.is_available():
         environment["ACCELERATE_USE_CPU"] = "true"
     log_path = job_dir / "child.log"
@@ -709,13 +704,9 @@ def run_child(job: TrainJob, job_dir: Path, config: TrainingConfig) -> None:
         )
         try:
             returncode = process.wait()
-        except BaseException:
-            _signal_group(process.pid, signal.SIGKILL)
-            _wait_group_gone(process, GROUP_EXIT_WAIT_S)
-            raise
-        # The ranks may outlive a failed launcher for a moment: the group must be empty either way.
-        _signal_group(process.pid, signal.SIGKILL)
-        _wait_group_gone(process, GROUP_EXIT_WAIT_S)
+        finally:
+            # The ranks may outlive a failed launcher for a moment: the group must be empty either way.
+            kill_group(process)
     if returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"training child (accelerate launch, {config.num_processes} processes) exited with {returncode}:\n{tail}")

