@@ -238,17 +238,18 @@ def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        page = f"{ops.server.url}/runs/flow-run/{ops.runs['iteration']}"
-        driver.get(f"{page}?tab=Task%20Runs")
-        WebDriverWait(driver, 120, poll_frequency=1).until(
-            lambda d: all(f"{stage}-iter-1" in d.find_element("tag name", "body").text for stage in STAGES)
-        )
-        driver.save_screenshot(str(SCREENSHOT))
-        driver.get(f"{page}?tab=Artifacts")
-        WebDriverWait(driver, 120, poll_frequency=1).until(
-            lambda d: f"{RUN}-iter-1-generate-rows" in d.find_element("tag name", "body").text
-        )
-        driver.save_screenshot(str(SCREENSHOT.with_name("prefect-ui-artifacts.png")))
+        driver.get(f"{ops.server.url}/runs/flow-run/{ops.runs['iteration']}")
+        body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
+        # The page's tabs are links of the single-page app (a `?tab=` in the address is not honoured).
+        for tab, shown, screenshot in (
+            ("Task Runs", [f"{stage}-iter-1" for stage in STAGES], SCREENSHOT),
+            ("Artifacts", [f"{RUN}-iter-1-{stage}-summary" for stage in ("generate", "judge", "train")], SCREENSHOT.with_name("prefect-ui-artifacts.png")),
+        ):
+            tab_xpath = f"//*[normalize-space(.)='{tab}']"
+            WebDriverWait(driver, 120, poll_frequency=1).until(lambda d: d.find_elements("xpath", tab_xpath))
+            driver.find_elements("xpath", tab_xpath)[-1].click()
+            WebDriverWait(driver, 120, poll_frequency=1).until(lambda d: all(text in body() for text in shown))
+            driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
     assert SCREENSHOT.stat().st_size > 10_000
