@@ -41,7 +41,9 @@ NIGHTLY = "metareward-run/meta-rewarding-nightly"
 EVALUATE = "metareward-evaluate/evaluate"
 TIMEZONE = "Europe/Berlin"
 RUN_TIMEOUT_S = 900
-SCREENSHOT = REPO / "docs" / "prefect-ui-flow-run.png"
+# The README's screenshots (docs/prefect-ui-*.png) are refreshed by a run with
+# METAREWARD_SCREENSHOT_DIR=docs; otherwise they go to the test's temporary folder.
+SCREENSHOT_NAMES = ("prefect-ui-flow-run.png", "prefect-ui-artifacts.png")
 STAGES = ["sample-prompts", "generate", "judge", "actor-pairs", "train", "summary"]
 
 
@@ -223,7 +225,7 @@ def test_nightly_continues_the_run_from_the_last_checkpoint_and_rides_out_an_s3_
     assert len(read_history(ops.store, RUN)) == 3
 
 
-def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops):
+def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
@@ -236,14 +238,16 @@ def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops):
         "--disable-default-apps", "--disable-extensions",
     ):
         options.add_argument(argument)
+    folder = Path(os.environ.get("METAREWARD_SCREENSHOT_DIR") or tmp_path)
+    flow_run_png, artifacts_png = (folder / name for name in SCREENSHOT_NAMES)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.get(f"{ops.server.url}/runs/flow-run/{ops.runs['iteration']}")
         body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
         # The page's tabs are links of the single-page app (a `?tab=` in the address is not honoured).
         for tab, shown, screenshot in (
-            ("Task Runs", [f"{stage}-iter-1" for stage in STAGES], SCREENSHOT),
-            ("Artifacts", [f"{RUN}-iter-1-{stage}-summary" for stage in ("generate", "judge", "train")], SCREENSHOT.with_name("prefect-ui-artifacts.png")),
+            ("Task Runs", [f"{stage}-iter-1" for stage in STAGES], flow_run_png),
+            ("Artifacts", [f"{RUN}-iter-1-{stage}-summary" for stage in ("generate", "judge", "train")], artifacts_png),
         ):
             tab_xpath = f"//*[normalize-space(.)='{tab}']"
             WebDriverWait(driver, 120, poll_frequency=1).until(lambda d: d.find_elements("xpath", tab_xpath))
@@ -252,7 +256,7 @@ def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops):
             driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert flow_run_png.stat().st_size > 10_000 and artifacts_png.stat().st_size > 10_000
 
 
 def _flow_run_processes(serve: subprocess.Popen) -> list[psutil.Process]:
