@@ -200,4 +200,7 @@ def test_paper_config_is_the_papers_schedule():
         assert it.pairs.length_measure == "chars"
         training = it.training
         assert (training.beta, training.learning_rate, training.lr_scheduler_type) == (0.1, 5e-6, "cosine")
-        assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 32
+        global_batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.num_processes
+        assert global_batch == 32
+        # One GPU: a LoRA merged after each iteration, reference log-probs precomputed, resumable DPO.
+        assert training.lora is not None and training.precompute_ref_log_probs and training.save_steps > 0
