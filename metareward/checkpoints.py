@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "metareward-manifest.json"
+# The LoRA adapter of M_i lives beside it at {run}/iter-{i}/adapter (a LoRA of M_{i-1}: pruned with M_i).
+ADAPTER_NAME = "adapter"
 MANIFEST_FORMAT = 1
 _HASH_HEADER = b"metareward-checkpoint-v1\n"
 _CHUNK_BYTES = 1 << 20
@@ -680,7 +682,8 @@ def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int
 
     `keep_last` None or 0 keeps everything and touches no storage. A checkpoint is removed manifest
     first, so a reader sees "no checkpoint" from then on, never a partial one that seems whole.
-    The iteration's other artifacts (pairs, metrics, summary) stay; `flows.run.read_history` shows
+    A pruned checkpoint's LoRA adapter (`{run}/iter-{i}/adapter`) goes with it. The iteration's
+    other artifacts (pairs, metrics, summary) stay; `flows.run.read_history` shows
     a removed checkpoint as pruned.
     """
     if not keep_last:
@@ -710,6 +713,9 @@ def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int
         store.rm(store.join(uri, MANIFEST_NAME))
         store.rm(uri)
         pruned.append(uri)
+        adapter = store.stage_uri(run, iteration, ADAPTER_NAME)
+        if store.exists(adapter):
+            store.rm(adapter)
     if pruned:
         logger.info("run %s: pruned %d checkpoint(s) (keep_last %d): %s", run, len(pruned), keep_last, ", ".join(pruned))
     return CheckpointRetention(

@@ -59,7 +59,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from metareward import meta, pairs as actor_pair_rules, parsing, prompt_sources
-from metareward.checkpoints import ModelRef
+from metareward.checkpoints import ADAPTER_NAME, ModelRef
 from metareward.config import IterationConfig
 from metareward.engines.base import Conversation, Engine, Sampling
 from metareward.hashing import tie_break_key
@@ -704,7 +704,7 @@ def judge_pairs(
 
 # Folders of the train stage under {root}/{run}/iter-{i}/ besides `model` (M_i): the LoRA adapter
 # (a checkpoint a vLLM engine serves as a LoRA) and the trainer checkpoints a killed stage resumes from.
-ADAPTER = "adapter"
+ADAPTER = ADAPTER_NAME
 TRAIN_STATE = "train_state"
 
 

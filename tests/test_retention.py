@@ -53,6 +53,14 @@ def test_keeps_the_newest_n_and_removes_the_older_ones(tmp_path):
     assert prune_checkpoints(store, RUN, keep_last=2, newest=4).pruned == []
 
 
+def test_a_pruned_checkpoints_lora_adapter_goes_with_it(tmp_path):
+    store, _ = _local_run(tmp_path, 3)
+    for i in (1, 2, 3):
+        _write_checkpoint(Path(store.stage_uri(RUN, i, "adapter")), i)
+    prune_checkpoints(store, RUN, keep_last=2, newest=3)
+    assert [store.exists(store.stage_uri(RUN, i, "adapter")) for i in (1, 2, 3)] == [False, True, True]
+
+
 @pytest.mark.parametrize("keep_last", [None, 0])
 def test_zero_or_null_keeps_every_checkpoint(tmp_path, keep_last):
     store, _ = _local_run(tmp_path, 3)
