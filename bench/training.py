@@ -109,8 +109,9 @@ def run_stage(pairs_path: Path, work: Path) -> dict:
     import pandas as pd
 
     pairs = full_pairs_table(pd.read_parquet(pairs_path))
-    config = RunConfig(name="bench", storage=StorageConfig(root=str(work / "runs"))).for_iteration(1)
-    store = Store(config.storage)
+    run = RunConfig(name="bench", storage=StorageConfig(root=str(work / "runs")))
+    config = run.for_iteration(1)
+    store = Store(run.storage)
     uris = {}
     for kind, name in (("actor", "actor_pairs"), ("judge", "judge_pairs")):
         uris[kind] = store.stage_uri("bench", 1, name)
