@@ -36,7 +36,6 @@ computed again (unless `refresh`). docs/evaluation.md documents all of this.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -47,15 +46,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from metareward import parsing, prompt_sources
 from metareward.checkpoints import ModelRef
 from metareward.config import EvaluationConfig, RunConfig
-from metareward.engines.base import Conversation, Engine, EngineConfig, Sampling
+from metareward.engines.base import Engine, EngineConfig, Sampling
 from metareward.hashing import tie_break_key
-from metareward.prompts import SCORE_OPTIONS, SCORE_PREFIX, render_judge_prompt
+from metareward.prompts import render_judge_prompt
 from metareward.schema import (
     FINISH_REASON,
     N_TOKENS,
@@ -72,6 +69,7 @@ from metareward.schema import (
     STATUS_OUT_OF_RANGE,
     VALID_STATUSES,
 )
+from metareward.stages import force_verdicts
 from metareward.storage import ArtifactInfo, Store, is_complete, read_artifact, read_manifest, write_artifact
 
 logger = logging.getLogger(__name__)
@@ -168,24 +166,6 @@ def parse_comparison_verdict(text: str | None) -> Literal["A", "B"] | None:
 
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
-
-
-def _force(
-    engine: Engine,
-    conversations: Sequence[Conversation],
-    texts: Sequence[str],
-    kind: parsing.VerdictKind,
-    prefix: str,
-    options: Sequence[str],
-    temperature: float,
-    seed: int,
-) -> tuple[list[str], list[str]]:
-    """(picked option, completed text) per failed verdict: the text cut before its last verdict
-    keyword, continued with `prefix` and the model's own pick among `options` (as the stages do)."""
-    rationales = [parsing.cut_before_verdict(text, kind) for text in texts]
-    continued = [[*conversation, {"role": "assistant", "content": rationale}] for conversation, rationale in zip(conversations, rationales)]
-    picked = [choice.option for choice in engine.choose(continued, prefix, options, temperature, seed=seed)]
-    return picked, [rationale + prefix + option for rationale, option in zip(rationales, picked)]
 
 
 def _seed(seed: int, purpose: str) -> int:
@@ -295,15 +275,15 @@ def compare_responses(
     if settings.verdict_mode == "forced":
         failed = [row for row, verdict in enumerate(verdicts) if verdict is None]
         if failed:
-            options, completed = _force(
+            options, completed = force_verdicts(
                 engine,
                 [conversations[row] for row in failed],
                 [texts[row] for row in failed],
                 "winner",
-                VERDICT_PREFIX,
-                VERDICT_OPTIONS,
                 settings.judge_temperature,
                 _seed(seed, "compare/forced"),
+                prefix=VERDICT_PREFIX,
+                options=VERDICT_OPTIONS,
             )
             for row, option, text in zip(failed, options, completed):
                 texts[row], verdicts[row], statuses[row] = text, _VERDICT_OF_OPTION[option], STATUS_FORCED
@@ -468,7 +448,7 @@ def load_preference_set(source: str = EMBEDDED, store: Store | None = None) -> p
     if source == EMBEDDED:
         name = f"embedded preference set (metareward/data/{EMBEDDED_PREFERENCE_SET})"
         data = resources.files("metareward").joinpath("data", EMBEDDED_PREFERENCE_SET).read_bytes()
-        table = _read_jsonl(data, name)
+        table = prompt_sources.parse_table(data, "jsonl", name, error=PreferenceSetError)
     else:
         name = f"preference set {source}"
         extension = os.path.splitext(source.split("?", 1)[0])[1].lower()
@@ -478,13 +458,8 @@ def load_preference_set(source: str = EMBEDDED, store: Store | None = None) -> p
             data = store.read_bytes(source) if store is not None and source.startswith("s3://") else _read_local(source)
         except FileNotFoundError as error:
             raise PreferenceSetError(f"{name} does not exist") from error
-        if extension in (".parquet", ".pq"):
-            try:
-                table = pq.read_table(io.BytesIO(data)).to_pandas()
-            except (pa.ArrowException, OSError) as error:
-                raise PreferenceSetError(f"{name} is not a readable Parquet file: {error}") from error
-        else:
-            table = _read_jsonl(data, name)
+        file_format = "parquet" if extension in (".parquet", ".pq") else "jsonl"
+        table = prompt_sources.parse_table(data, file_format, name, error=PreferenceSetError)
     return _validated_preferences(table, name)
 
 
@@ -494,21 +469,6 @@ def _read_local(source: str) -> bytes:
         raise PreferenceSetError(f"preference set {source}: use a local path or s3://")
     with open(os.path.expanduser(path), "rb") as handle:
         return handle.read()
-
-
-def _read_jsonl(data: bytes, name: str) -> pd.DataFrame:
-    records = []
-    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PreferenceSetError(f"{name}: line {number} is not valid JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise PreferenceSetError(f"{name}: line {number} is a JSON {type(record).__name__}, not an object")
-        records.append(record)
-    return pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame()
 
 
 def _validated_preferences(table: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -560,13 +520,11 @@ def judge_preference_set(engine: Engine, pairs: pd.DataFrame, settings: Evaluati
     if settings.verdict_mode == "forced":
         failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
         if len(failed):
-            options, completed = _force(
+            options, completed = force_verdicts(
                 engine,
                 [conversations[row] for row in failed],
                 table["judgment"].to_numpy()[failed].tolist(),
                 "score",
-                SCORE_PREFIX,
-                SCORE_OPTIONS,
                 settings.judge_temperature,
                 _seed(seed, "accuracy/forced"),
             )

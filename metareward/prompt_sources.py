@@ -66,7 +66,7 @@ def load_prompt_pool(source: str | None = EMBEDDED, store: Store | None = None) 
     if source is None or source == EMBEDDED:
         name = f"embedded prompt set (metareward/data/{EMBEDDED_RESOURCE})"
         data = resources.files("metareward").joinpath("data", EMBEDDED_RESOURCE).read_bytes()
-        return _validated(_parse(data, "jsonl", name), name)
+        return _validated(parse_table(data, "jsonl", name), name)
     if not isinstance(source, str) or not source.strip():
         raise PromptSourceError(f"prompt source must be 'embedded' or a file path/URL, got {source!r}")
     extension = os.path.splitext(source.split("?", 1)[0])[1].lower()
@@ -78,7 +78,7 @@ def load_prompt_pool(source: str | None = EMBEDDED, store: Store | None = None) 
         )
     name = f"prompt file {source}"
     data = _read_source(source, store)
-    return _validated(_parse(data, file_format, name), name)
+    return _validated(parse_table(data, file_format, name), name)
 
 
 def _read_source(source: str, store: Store | None) -> bytes:
@@ -103,16 +103,18 @@ def _read_source(source: str, store: Store | None) -> bytes:
     raise PromptSourceError(f"prompt file {source}: protocol {protocol!r} is not supported; use a local path or s3://")
 
 
-def _parse(data: bytes, file_format: str, name: str) -> pd.DataFrame:
+def parse_table(data: bytes, file_format: str, name: str, error: type[ValueError] = PromptSourceError) -> pd.DataFrame:
+    """The table in `data` (`parquet`, `jsonl` or `csv`; JSONL values kept as parsed); a file that
+    does not parse raises `error` naming `name` and, for JSONL, the line."""
     if file_format == "parquet":
         try:
             return pq.read_table(io.BytesIO(data)).to_pandas()
         except (pa.ArrowException, OSError) as exc:
-            raise PromptSourceError(f"{name} is not a readable Parquet file: {exc}") from exc
+            raise error(f"{name} is not a readable Parquet file: {exc}") from exc
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise PromptSourceError(f"{name} is not UTF-8 text: {exc}") from exc
+        raise error(f"{name} is not UTF-8 text: {exc}") from exc
     if file_format == "jsonl":
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -121,19 +123,19 @@ def _parse(data: bytes, file_format: str, name: str) -> pd.DataFrame:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise PromptSourceError(f"{name}: line {line_number} is not valid JSON ({exc.msg})") from exc
+                raise error(f"{name}: line {line_number} is not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
-                raise PromptSourceError(f"{name}: line {line_number} is a JSON {type(record).__name__}, not an object")
+                raise error(f"{name}: line {line_number} is a JSON {type(record).__name__}, not an object")
             records.append(record)
         # dtype=object keeps the values exactly as parsed (no numeric coercion of ids or prompts)
         return pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame()
     try:
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as exc:
-        raise PromptSourceError(f"{name} is not readable CSV: {exc}") from exc
+        raise error(f"{name} is not readable CSV: {exc}") from exc
     for row_number, row in enumerate(rows, start=1):
         if None in row:
-            raise PromptSourceError(f"{name}: row {row_number} has more fields than the header (counted from 1, header excluded)")
+            raise error(f"{name}: row {row_number} has more fields than the header (counted from 1, header excluded)")
     return pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame(columns=_csv_header(text))
 
 

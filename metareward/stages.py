@@ -404,24 +404,30 @@ def judgment_id_of(response_id: str, sample: int) -> str:
     return f"{response_id}-j{sample}"
 
 
-def _force_verdicts(
+def force_verdicts(
     engine: Engine,
     conversations: Sequence[Conversation],
     texts: Sequence[str],
     kind: parsing.VerdictKind,
     temperature: float,
     seed: int,
+    prefix: str | None = None,
+    options: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(chosen option, completed text) for each failed verdict: the text cut before its last
-    verdict line, continued with the verdict prefix and the model's own pick among the options."""
-    prefix, options = (SCORE_PREFIX, SCORE_OPTIONS) if kind == "score" else (WINNER_PREFIX, WINNER_OPTIONS)
+    verdict line, continued with the verdict prefix and the model's own pick among the options.
+    `prefix` and `options` default to the spec's (`Score: ` with "0".."5", `Winner: Judgement`
+    with " A" / " B"); the evaluation passes its own comparison prompt's."""
+    default_prefix, default_options = (SCORE_PREFIX, SCORE_OPTIONS) if kind == "score" else (WINNER_PREFIX, WINNER_OPTIONS)
+    prefix = default_prefix if prefix is None else prefix
+    options = default_options if options is None else options
+    rationales = [parsing.cut_before_verdict(text, kind) for text in texts]
     continued = [
-        [*conversation, {"role": "assistant", "content": parsing.cut_before_verdict(text, kind)}]
-        for conversation, text in zip(conversations, texts)
+        [*conversation, {"role": "assistant", "content": rationale}]
+        for conversation, rationale in zip(conversations, rationales)
     ]
-    choices = engine.choose(continued, prefix, options, temperature, seed=seed)
-    picked = [choice.option for choice in choices]
-    return picked, [parsing.complete_verdict(text, kind, option) for text, option in zip(texts, picked)]
+    picked = [choice.option for choice in engine.choose(continued, prefix, options, temperature, seed=seed)]
+    return picked, [rationale + prefix + option for rationale, option in zip(rationales, picked)]
 
 
 def judge(
@@ -469,7 +475,7 @@ def judge(
         if config.verdict_mode == "forced":
             failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
             if len(failed):
-                options, texts = _force_verdicts(
+                options, texts = force_verdicts(
                     engine(),
                     [row_conversations[row] for row in failed],
                     table[JUDGMENT].to_numpy()[failed].tolist(),
@@ -571,7 +577,7 @@ def meta_judge(
         if config.verdict_mode == "forced":
             failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
             if len(failed):
-                options, texts = _force_verdicts(
+                options, texts = force_verdicts(
                     engine(),
                     [conversations[row] for row in failed],
                     table[META_JUDGMENT].to_numpy()[failed].tolist(),
