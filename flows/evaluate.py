@@ -75,6 +75,16 @@ def resolve_models(
     store = Store(config.storage)
     history = read_history(store, config.name)
     trained = {record.iteration: record.model for record in history if record.complete and record.trained}
+    pruned = {record.iteration for record in history if record.pruned}
+
+    def stored(i: int) -> ModelRef:
+        if i in pruned:
+            raise ValueError(
+                f"the checkpoint of iteration {i} of run {config.name} was pruned (keep_last_checkpoints "
+                f"{config.keep_last_checkpoints}); raise keep_last_checkpoints, or pass `model` / `baseline`"
+            )
+        return trained[i]
+
     if iteration is None:
         if not trained:
             raise ValueError(f"run {config.name} has no trained iteration in {store.run_uri(config.name)}: nothing to evaluate")
@@ -86,11 +96,11 @@ def resolve_models(
                 f"iteration {iteration} of run {config.name} has no trained checkpoint in storage "
                 f"(trained: {sorted(trained) or 'none'}); pass `model` to evaluate another checkpoint"
             )
-        model = trained[iteration]
+        model = stored(iteration)
     if baseline is None:
         if iteration > 1 and iteration - 1 not in trained:
             raise ValueError(f"iteration {iteration - 1} of run {config.name} has no trained checkpoint in storage to compare with")
-        baseline = seed if iteration == 1 else trained[iteration - 1]
+        baseline = seed if iteration == 1 else stored(iteration - 1)
     judge = seed if config.evaluation.judge == "seed" else _resolve(config.evaluation.judge, store)
     return EvaluationModels(iteration=iteration, model_x=_resolve(model, store), model_y=_resolve(baseline, store), judge=judge)
 

@@ -150,6 +150,19 @@ def test_history_shows_pruned_checkpoints_and_the_run_resumes_from_the_newest(tm
     assert Path(seed.uri, MANIFEST_NAME).is_file()  # M0 was never in the run's folder
 
 
+def test_evaluating_against_a_pruned_checkpoint_says_what_to_change(tmp_path):
+    from flows.evaluate import resolve_models
+
+    store, refs = _local_run(tmp_path, 3)
+    seed = _write_checkpoint(tmp_path / "seed", 0)
+    _write_summaries(store, seed, refs)
+    prune_checkpoints(store, RUN, keep_last=2, newest=3)
+    config = RunConfig(name=RUN, model=seed.uri, storage=StorageConfig(root=str(tmp_path / "runs")))
+    assert resolve_models.fn(config, 3, None, None).model_y.sha256 == refs[1].sha256  # M_2 is kept
+    with pytest.raises(ValueError, match="iteration 1 .* was pruned .*keep_last_checkpoints"):
+        resolve_models.fn(config, 2, None, None)
+
+
 def test_the_default_keeps_two_and_the_paper_config_keeps_the_default():
     assert RunConfig(name="x").keep_last_checkpoints == 2
     paper = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper-llama3-8b.yaml")
