@@ -11,10 +11,12 @@ Meta-judging and judge pairs run only in an iteration that trains judge pairs
 (`pairs.train_judge_pairs`, per-iteration override). Every task is cached by checkpoint hash
 (`metareward.caching`), with its cache record in the run's own store, so running a finished
 iteration again loads no model and every stage ends `Cached`; `refresh=True` runs every stage
-again, sharded stages included (their shards in storage are discarded), and overwrites its record. Training releases the serving engines before DPO (in
-`metareward.stages.train`). On a GPU machine the flow holds a concurrency slot of every GPU it
-sees from generate through train (`flows.concurrency`), so two flows never share a GPU. An iteration without any pair trains nothing: its outcome has no
-model and a message saying why.
+again, sharded stages included (their shards in storage are discarded), and overwrites its
+record. Training releases the serving engines before DPO (in `metareward.stages.train`). On a GPU
+machine the flow holds a concurrency slot of every GPU it sees from generate through train
+(`flows.concurrency`), so two flows never share a GPU. With `evaluation.at_end_of_iteration` the
+evaluation flow (`flows.evaluate`) runs last, as a subflow. An iteration without any pair trains
+nothing: its outcome has no model and a message saying why.
 """
 
 from __future__ import annotations
