@@ -11,6 +11,12 @@
   meta-judge and are released only before DPO, so a per-task slot would let another flow onto a
   GPU whose memory our engine still holds. On a machine without a GPU no slot is taken.
 
+Slots guard deployment runs only: those a worker or `serve()` starts, in a process of their own
+with `PREFECT__FLOW_RUN_ID` set (subflows run in that process too). A flow called in the caller's
+own process (`metareward run`, tests) holds none: that process often talks to a temporary API, which
+runs no repossessor, so the slots of a killed caller would never come back and the run could never
+resume.
+
 The limits are created on demand (size 1, through the Prefect API) the first time a flow asks
 for them; `prefect gcl ls` lists them. Slots are leases that the holder renews; when its process
 dies they expire after `LEASE_S`, so a killed worker does not block the run or the GPU for good.
@@ -65,6 +71,11 @@ def gpu_slot_names(devices: list[str] | None = None, host: str | None = None) ->
     return [f"{GPU_SLOT_PREFIX}{host}-{_slug(device)}" for device in devices]
 
 
+def started_by_a_deployment() -> bool:
+    """Whether this process runs a deployment's flow run (a worker or `serve()` started it)."""
+    return "PREFECT__FLOW_RUN_ID" in os.environ
+
+
 def ensure_limits(names: list[str]) -> None:
     """Create each limit with one slot unless it exists (a limit someone resized is left alone)."""
     with get_client(sync_client=True) as client:
@@ -80,9 +91,10 @@ def hold_slots(names: list[str], what: str, wait: bool = True) -> Iterator[bool]
     """Hold one slot of each limit in `names` (created on demand) for the `with` block.
 
     Yields True once held. With `wait=False` it gives up after `SKIP_AFTER_S` and yields False
-    (the block decides what to do without the slots). No names: yields True at once.
+    (the block decides what to do without the slots). No names, or not a deployment run: yields
+    True at once and holds nothing.
     """
-    if not names:
+    if not names or not started_by_a_deployment():
         yield True
         return
     logger = get_run_logger()
