@@ -97,6 +97,20 @@ def validate_options(options: Sequence[str]) -> list[str]:
     return options
 
 
+def check_choose_arguments(
+    conversations: Sequence[Conversation], options: Sequence[str], temperature: float, seed: int
+) -> list[str]:
+    """The checks every backend's `choose` makes before any work: valid options (returned as a
+    list), temperature >= 0, seed >= 0, and an open assistant turn at the end of each conversation."""
+    options = validate_options(options)
+    if temperature < 0:
+        raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
+    if seed < 0:
+        raise ValueError(f"choose: seed must be >= 0, got {seed}")
+    check_open_assistant_turns(conversations)
+    return options
+
+
 def plan_option_scoring(encode: Callable[[str], list[int]], context: str, options: Sequence[str]) -> OptionPlan:
     """Plan the model calls that give each option's probability as a whole text after `context`.
 

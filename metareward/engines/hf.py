@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
-from metareward.engines.choice import pick_option, plan_option_scoring, render_choice_context, validate_options
+from metareward.engines.choice import check_choose_arguments, pick_option, plan_option_scoring, render_choice_context
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +207,7 @@ class HFEngine:
         seed: int = 0,
     ) -> list[Choice]:
         """Continue each conversation's final assistant message with `prefix` and pick one option."""
-        options = validate_options(options)
-        if temperature < 0:
-            raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
-        if seed < 0:
-            raise ValueError(f"choose: seed must be >= 0, got {seed}")
+        options = check_choose_arguments(conversations, options, temperature, seed)
         if not conversations:
             return []
         with self._lock:

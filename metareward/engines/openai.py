@@ -42,13 +42,12 @@ import httpx
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
 from metareward.engines.choice import (
-    check_open_assistant_turns,
+    check_choose_arguments,
     finish_reason,
     pick_option,
     plan_option_scoring,
     render_choice_context,
     request_seed,
-    validate_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,11 +230,7 @@ class OpenAIEngine:
     ) -> list[Choice]:
         """Continue each conversation's final assistant message with `prefix` and pick one option,
         from the server's log-probabilities of the options' tokens (see the module docstring)."""
-        options = validate_options(options)
-        if temperature < 0:
-            raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
-        request_seed(seed, 0)
-        check_open_assistant_turns(conversations)
+        options = check_choose_arguments(conversations, options, temperature, seed)
         tokenizer = self._get_tokenizer()
 
         def encode(text: str) -> list[int]:

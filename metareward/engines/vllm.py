@@ -53,13 +53,12 @@ from typing import Any, Sequence
 from metareward.processes import child_environment, kill_group, signal_group, wait_group_gone
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
 from metareward.engines.choice import (
-    check_open_assistant_turns,
+    check_choose_arguments,
     finish_reason,
     pick_option,
     plan_option_scoring,
     render_choice_context,
     request_seed,
-    validate_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -214,11 +213,7 @@ class VLLMEngine:
         seed: int = 0,
     ) -> list[Choice]:
         """Continue each conversation's final assistant message with `prefix` and pick one option."""
-        options = validate_options(options)
-        if temperature < 0:
-            raise ValueError(f"choose: temperature must be >= 0, got {temperature}")
-        request_seed(seed, 0)
-        check_open_assistant_turns(conversations)
+        options = check_choose_arguments(conversations, options, temperature, seed)
         conversations = [[dict(message) for message in conversation] for conversation in conversations]
         if not conversations:
             return []
