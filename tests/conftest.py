@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
     "tests.fixtures.prefect_server",
+    "tests.fixtures.ray_cluster",
 ]
