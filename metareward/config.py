@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from metareward.engines.base import EngineConfig
+from metareward.execution import ExecutionConfig
 from metareward.meta import DEFAULT_L2, ELO_TIE_TOLERANCE
 from metareward.storage import StorageConfig, validate_run_name
 from metareward.training import TrainingConfig
@@ -283,6 +284,7 @@ class IterationConfig(BaseModel):
             resolved for iteration i.
     Sharding
         shard_size: prompts per shard of generation, judging and meta-judging.
+        execution: where the shards run (not in any stage's settings: it never changes a table).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -300,6 +302,7 @@ class IterationConfig(BaseModel):
     training: TrainingConfig
     engine: EngineConfig
     shard_size: int = Field(ge=1)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings `stage` reads, as a JSON-able dict keyed by dotted path (for cache keys and
@@ -349,6 +352,9 @@ class RunConfig(BaseModel):
     Sharding
         shard_size: prompts per shard of generation, judging and meta-judging; each shard is
             committed on its own, so a killed stage loses at most the shard in flight [choice: 32].
+        execution: where the stages run: this process (`backend: local`, the default) or a Ray
+            cluster (`backend: ray`; `metareward.execution.ExecutionConfig`, docs/scaling.md). Never
+            part of a cache key: the same seeds give the same tables on either.
     Evaluation
         evaluation: win rate of M_i against M_{i-1} and judge accuracy (`EvaluationConfig`).
     Per iteration
@@ -379,6 +385,7 @@ class RunConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     shard_size: int = Field(default=32, ge=1)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     iterations: dict[int, IterationOverrides] = Field(default_factory=dict)
 
@@ -437,6 +444,7 @@ class RunConfig(BaseModel):
             training=self.training,
             engine=self.engine,
             shard_size=self.shard_size,
+            execution=self.execution,
         )
 
 
