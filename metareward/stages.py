@@ -42,6 +42,11 @@ share one loaded model) and only when a stage has shards left to compute: a stag
 complete loads nothing; `fresh=True` (the flow's `refresh`) discards what storage holds and computes
 every shard again. `train` releases the engines before DPO. `progress(fraction)` callbacks, when
 given, are called with the share of shards done (0.0 first, 1.0 last).
+
+Where shards run: each pending shard becomes a `ShardJob` (its own input rows, the settings, the
+checkpoint, the artifact) computed by `run_shard` and committed by it; a `ShardRunner` decides
+where: in this process, in order (the default), or as Ray tasks over a cluster's GPUs
+(`tasks.shards`, `execution.backend: ray`). The same seeds give the same tables either way.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections import Counter
 from typing import Any, Callable, Mapping, Sequence
@@ -110,7 +117,15 @@ from metareward.schema import (
     WINNER,
 )
 from metareward.scoring import response_scores
-from metareward.storage import ArtifactInfo, ShardedArtifact, Store, read_artifact, read_manifest, write_artifact
+from metareward.storage import (
+    ArtifactInfo,
+    ShardedArtifact,
+    StorageConfig,
+    Store,
+    read_artifact,
+    read_manifest,
+    write_artifact,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,46 +241,144 @@ def _fs(store: Store):
     return None if store.protocol == "file" else store.fs
 
 
-class _LazyEngine:
-    """Loads the engine on first use, so a stage with nothing left to compute loads no model."""
+class ShardJob(BaseModel):
+    """One shard of a sharded stage, complete enough to be computed by another process or machine:
+    the store to write to, the iteration's settings, the checkpoint, the artifact being built and the
+    shard's own input rows (`payload`: only the rows this shard reads, so nothing else travels)."""
 
-    def __init__(self, store: Store, config: IterationConfig, model: ModelRef):
-        self._store, self._config, self._model = store, config, model
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    stage: str
+    storage: StorageConfig
+    config: IterationConfig
+    model: ModelRef
+    uri: str
+    shard_count: int
+    info: ArtifactInfo
+    index: int
+    payload: pd.DataFrame
+
+
+class ShardReport(BaseModel):
+    """What computing one shard did: its rows and seconds, the process that computed it
+    (`host:pid`) and whether that process loaded the engine for it (False: already loaded)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int
+    rows: int
+    seconds: float
+    worker: str
+    engine_loaded: bool
+
+
+# Runs the given shard jobs (each through `run_shard`, wherever it runs), calling `on_done` with
+# each shard's report as it finishes; returns every report. None means in this process, in order.
+ShardRunner = Callable[[Sequence[ShardJob], Callable[[ShardReport], None]], list[ShardReport]]
+
+
+def run_shard(job: ShardJob) -> ShardReport:
+    """Compute one shard with the engine for its checkpoint (loaded once per process, kept for the
+    next shard) and commit it to its artifact. Called in the stage's process or a Ray worker."""
+    from metareward.engines import engine_is_loaded, load_engine
+
+    store = Store(job.storage)
+    started = time.perf_counter()
+    loaded_before = engine_is_loaded(job.config.engine, job.model)
+    engine = _ShardEngine(lambda: load_engine(job.config.engine, job.model, fs=_fs(store)))
+    table = _SHARD_FUNCTIONS[job.stage](engine, job.config, job.index, job.payload)
+    seconds = time.perf_counter() - started
+    artifact = ShardedArtifact(store, job.uri, job.shard_count, job.info)
+    artifact.write_shard(job.index, table, seconds=seconds)
+    logger.info("%s: shard %d of %d committed (%d rows)", job.uri, job.index + 1, job.shard_count, len(table))
+    return ShardReport(
+        index=job.index,
+        rows=len(table),
+        seconds=seconds,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        engine_loaded=engine.used and not loaded_before,
+    )
+
+
+class _ShardEngine:
+    """The engine, loaded on first use only: a shard without rows loads no model."""
+
+    def __init__(self, load: Callable[[], Engine]):
+        self._load = load
         self._engine: Engine | None = None
+
+    @property
+    def used(self) -> bool:
+        return self._engine is not None
 
     def __call__(self) -> Engine:
         if self._engine is None:
-            from metareward.engines import load_engine
-
-            self._engine = load_engine(self._config.engine, self._model, fs=_fs(self._store))
+            self._engine = self._load()
         return self._engine
+
+
+def run_shards_here(jobs: Sequence[ShardJob], on_done: Callable[[ShardReport], None]) -> list[ShardReport]:
+    """The local `ShardRunner`: every shard in this process, in order."""
+    reports = []
+    for job in jobs:
+        reports.append(run_shard(job))
+        on_done(reports[-1])
+    return reports
 
 
 def _run_shards(
     store: Store,
+    stage: str,
+    config: IterationConfig,
+    model: ModelRef,
     uri: str,
-    shards: Sequence[Any],
+    payloads: Sequence[pd.DataFrame],
     info: ArtifactInfo,
-    compute: Callable[[int, Any], pd.DataFrame],
     key_columns: Sequence[str],
     progress: ProgressCallback | None,
     fresh: bool,
-) -> tuple[pd.DataFrame, dict[str, Any], int]:
-    """Write every pending shard (`compute(index, shard)`), finalize, and return (table, manifest,
-    number of shards computed by this call). `fresh` discards what storage holds first."""
-    artifact = ShardedArtifact(store, uri, len(shards), info, fresh=fresh)
+    runner: ShardRunner | None,
+) -> tuple[pd.DataFrame, dict[str, Any], list[ShardReport]]:
+    """Write every pending shard (through `runner`; in this process when None), finalize, and
+    return (table, manifest, the reports of the shards computed by this call). `fresh` discards
+    what storage holds first."""
+    artifact = ShardedArtifact(store, uri, len(payloads), info, fresh=fresh)
     pending = artifact.pending_shards()
-    done = len(shards) - len(pending)
-    _report(progress, done, len(shards))
-    for index in pending:
-        started = time.perf_counter()
-        table = compute(index, shards[index])
-        artifact.write_shard(index, table, seconds=time.perf_counter() - started)
+    jobs = [
+        ShardJob(
+            stage=stage,
+            storage=store.config.model_copy(update={"root": store.root}),  # absolute: workers have other cwds
+            config=config,
+            model=model,
+            uri=uri,
+            shard_count=len(payloads),
+            info=info,
+            index=index,
+            payload=payloads[index],
+        )
+        for index in pending
+    ]
+    done = len(payloads) - len(pending)
+    _report(progress, done, len(payloads))
+
+    def on_done(report: ShardReport) -> None:
+        nonlocal done
         done += 1
-        _report(progress, done, len(shards))
-        logger.info("%s: shard %d of %d committed (%d rows)", uri, index + 1, len(shards), len(table))
+        _report(progress, done, len(payloads))
+
+    reports = (runner or run_shards_here)(jobs, on_done) if jobs else []
     manifest = artifact.finalize(key_columns=list(key_columns))
-    return artifact.read(), manifest, len(pending)
+    return artifact.read(), manifest, reports
+
+
+def _execution_summary(reports: Sequence[ShardReport]) -> dict[str, Any]:
+    """Where this call's shards ran: shards and engine loads per worker process."""
+    workers: dict[str, dict[str, int]] = {}
+    for report in reports:
+        counts = workers.setdefault(report.worker, {"shards": 0, "engine_loads": 0})
+        counts["shards"] += 1
+        counts["engine_loads"] += int(report.engine_loaded)
+    return {"workers": workers, "engine_loads": sum(counts["engine_loads"] for counts in workers.values())}
 
 
 def _report(progress: ProgressCallback | None, done: int, total: int) -> None:
@@ -341,6 +454,29 @@ def response_id_of(iteration: int, prompt_id: str, sample: int) -> str:
     return f"it{iteration}-{prompt_id}-r{sample}"
 
 
+def _generate_shard(engine: Callable[[], Engine], config: IterationConfig, index: int, prompts: pd.DataFrame) -> pd.DataFrame:
+    """The actor's responses for one shard's prompts (`prompt_id`, `prompt`)."""
+    if prompts.empty:
+        return _empty(RESPONSES_COLUMNS, {N_TOKENS: "int64"})
+    actor = config.actor
+    sampling = Sampling(
+        temperature=actor.temperature,
+        top_p=actor.top_p,
+        max_tokens=actor.max_tokens,
+        seed=shard_seed(config, "generate", index),
+    )
+    completions = engine().generate([_user(text) for text in prompts[PROMPT]], sampling, n=actor.k)
+    rows = [
+        (pid, response_id_of(config.iteration, pid, sample), completion.text, completion.n_tokens, completion.finish_reason)
+        for pid, samples in zip(prompts[PROMPT_ID], completions)
+        for sample, completion in enumerate(samples)
+    ]
+    table = pd.DataFrame(rows, columns=list(RESPONSES_COLUMNS)).astype({N_TOKENS: "int64"})
+    if actor.dedup:
+        table = actor_pair_rules.drop_duplicate_responses(table, seed=config.seed).reset_index(drop=True)
+    return table
+
+
 def generate(
     store: Store,
     config: IterationConfig,
@@ -348,41 +484,23 @@ def generate(
     prompts_uri: str,
     progress: ProgressCallback | None = None,
     fresh: bool = False,
+    runner: ShardRunner | None = None,
 ) -> StageResult:
     """The actor: `actor.k` responses per prompt, sampled per shard with a derived seed; exact
-    duplicate responses to one prompt removed when `actor.dedup` (counted). Writes `responses`."""
+    duplicate responses to one prompt removed when `actor.dedup` (counted). Writes `responses`.
+    `runner` computes the shards (None: in this process)."""
     stage = "generate"
     tables, keys = _read_inputs(store, {PROMPTS: prompts_uri})
     prompts = tables[PROMPTS]
-    text_of = dict(zip(prompts[PROMPT_ID].astype(str), prompts[PROMPT]))
+    prompts = prompts.assign(**{PROMPT_ID: prompts[PROMPT_ID].astype(str)})
     shards = shard_prompt_ids(prompts, config.shard_size)
-    engine = _LazyEngine(store, config, model)
-    actor = config.actor
-
-    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
-        if not prompt_ids:
-            return _empty(RESPONSES_COLUMNS, {N_TOKENS: "int64"})
-        sampling = Sampling(
-            temperature=actor.temperature,
-            top_p=actor.top_p,
-            max_tokens=actor.max_tokens,
-            seed=shard_seed(config, stage, index),
-        )
-        completions = engine().generate([_user(text_of[pid]) for pid in prompt_ids], sampling, n=actor.k)
-        rows = [
-            (pid, response_id_of(config.iteration, pid, sample), completion.text, completion.n_tokens, completion.finish_reason)
-            for pid, samples in zip(prompt_ids, completions)
-            for sample, completion in enumerate(samples)
-        ]
-        table = pd.DataFrame(rows, columns=list(RESPONSES_COLUMNS)).astype({N_TOKENS: "int64"})
-        if actor.dedup:
-            table = actor_pair_rules.drop_duplicate_responses(table, seed=config.seed).reset_index(drop=True)
-        return table
-
+    payloads = [prompts[prompts[PROMPT_ID].isin(ids)][[PROMPT_ID, PROMPT]].reset_index(drop=True) for ids in shards]
     uri = artifact_uri(store, config, RESPONSES)
     info = _artifact_info(stage, RESPONSES, config, model, {PROMPTS: prompts_uri}, keys)
-    responses, manifest, computed = _run_shards(store, uri, shards, info, compute, [RESPONSE_ID], progress, fresh)
-    generated = len(prompts) * actor.k
+    responses, manifest, reports = _run_shards(
+        store, stage, config, model, uri, payloads, info, [RESPONSE_ID], progress, fresh, runner
+    )
+    generated = len(prompts) * config.actor.k
     summary = {
         "prompts": len(prompts),
         "generated": generated,
@@ -391,7 +509,8 @@ def generate(
         "finish_reasons": _counts(responses[FINISH_REASON], ("stop", "length")),
         "mean_response_chars": float(responses[RESPONSE].str.len().mean()) if len(responses) else None,
         "shards": len(shards),
-        "shards_computed": computed,
+        "shards_computed": len(reports),
+        "execution": _execution_summary(reports),
     }
     return StageResult(stage=stage, uri=uri, uris={RESPONSES: uri}, key=manifest["fingerprint"], summary=summary)
 
@@ -430,6 +549,47 @@ def force_verdicts(
     return picked, [rationale + prefix + option for rationale, option in zip(rationales, picked)]
 
 
+def _judge_shard(engine: Callable[[], Engine], config: IterationConfig, index: int, batch: pd.DataFrame) -> pd.DataFrame:
+    """`judge.n` judgments of each of one shard's responses (`prompt_id`, `prompt`, `response_id`,
+    `response`), scores parsed from the judgment text only, forced where that fails in `forced` mode."""
+    if batch.empty:
+        return _empty(JUDGMENTS_COLUMNS, {SCORE: "float64"})
+    settings = config.judge
+    conversations = [_user(render_judge_prompt(prompt, response)) for prompt, response in zip(batch[PROMPT], batch[RESPONSE])]
+    sampling = Sampling(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        seed=shard_seed(config, "judge", index),
+    )
+    completions = engine().generate(conversations, sampling, n=settings.n)
+    rows, row_conversations = [], []
+    for (pid, rid), conversation, samples in zip(zip(batch[PROMPT_ID], batch[RESPONSE_ID]), conversations, completions):
+        for sample, completion in enumerate(samples):
+            rows.append((pid, rid, judgment_id_of(rid, sample), completion.text, completion.finish_reason))
+            row_conversations.append(conversation)
+    table = pd.DataFrame(rows, columns=[PROMPT_ID, RESPONSE_ID, JUDGMENT_ID, JUDGMENT, FINISH_REASON])
+    # Only the judge's own text is parsed: the prompt and the response are not in this column.
+    parsed = parsing.parse_scores(table[JUDGMENT])
+    table[SCORE] = parsed[SCORE].to_numpy(dtype=np.float64)
+    table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
+    if config.verdict_mode == "forced":
+        failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
+        if len(failed):
+            options, texts = force_verdicts(
+                engine(),
+                [row_conversations[row] for row in failed],
+                table[JUDGMENT].to_numpy()[failed].tolist(),
+                "score",
+                settings.temperature,
+                shard_seed(config, "judge", index, purpose="forced"),
+            )
+            table.loc[failed, JUDGMENT] = texts
+            table.loc[failed, SCORE] = [float(option) for option in options]
+            table.loc[failed, STATUS] = STATUS_FORCED
+    return table[list(JUDGMENTS_COLUMNS)]
+
+
 def judge(
     store: Store,
     config: IterationConfig,
@@ -438,60 +598,26 @@ def judge(
     responses_uri: str,
     progress: ProgressCallback | None = None,
     fresh: bool = False,
+    runner: ShardRunner | None = None,
 ) -> StageResult:
     """The judge: `judge.n` judgments per response with the spec's rubric, scores parsed from the
     judgment text only (forced where parsing fails in `forced` mode). Writes `judgments` and the
-    per-response `scores` table."""
+    per-response `scores` table. `runner` computes the shards (None: in this process)."""
     stage = "judge"
     tables, keys = _read_inputs(store, {PROMPTS: prompts_uri, RESPONSES: responses_uri})
     prompts, responses = tables[PROMPTS], tables[RESPONSES]
     text_of = dict(zip(prompts[PROMPT_ID].astype(str), prompts[PROMPT]))
     shards = shard_prompt_ids(prompts, config.shard_size)
-    engine = _LazyEngine(store, config, model)
-    settings = config.judge
-
-    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
-        batch = responses[responses[PROMPT_ID].isin(prompt_ids)]
-        if batch.empty:
-            return _empty(JUDGMENTS_COLUMNS, {SCORE: "float64"})
-        conversations = [_user(render_judge_prompt(text_of[pid], text)) for pid, text in zip(batch[PROMPT_ID], batch[RESPONSE])]
-        sampling = Sampling(
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_tokens=settings.max_tokens,
-            seed=shard_seed(config, stage, index),
-        )
-        completions = engine().generate(conversations, sampling, n=settings.n)
-        rows, row_conversations = [], []
-        for (pid, rid), conversation, samples in zip(zip(batch[PROMPT_ID], batch[RESPONSE_ID]), conversations, completions):
-            for sample, completion in enumerate(samples):
-                rows.append((pid, rid, judgment_id_of(rid, sample), completion.text, completion.finish_reason))
-                row_conversations.append(conversation)
-        table = pd.DataFrame(rows, columns=[PROMPT_ID, RESPONSE_ID, JUDGMENT_ID, JUDGMENT, FINISH_REASON])
-        # Only the judge's own text is parsed: the prompt and the response are not in this column.
-        parsed = parsing.parse_scores(table[JUDGMENT])
-        table[SCORE] = parsed[SCORE].to_numpy(dtype=np.float64)
-        table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
-        if config.verdict_mode == "forced":
-            failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
-            if len(failed):
-                options, texts = force_verdicts(
-                    engine(),
-                    [row_conversations[row] for row in failed],
-                    table[JUDGMENT].to_numpy()[failed].tolist(),
-                    "score",
-                    settings.temperature,
-                    shard_seed(config, stage, index, purpose="forced"),
-                )
-                table.loc[failed, JUDGMENT] = texts
-                table.loc[failed, SCORE] = [float(option) for option in options]
-                table.loc[failed, STATUS] = STATUS_FORCED
-        return table[list(JUDGMENTS_COLUMNS)]
-
+    payloads = []
+    for prompt_ids in shards:
+        batch = responses[responses[PROMPT_ID].isin(prompt_ids)][[PROMPT_ID, RESPONSE_ID, RESPONSE]].reset_index(drop=True)
+        payloads.append(batch.assign(**{PROMPT: [text_of[pid] for pid in batch[PROMPT_ID]]}))
     uri = artifact_uri(store, config, JUDGMENTS)
     upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri}
     info = _artifact_info(stage, JUDGMENTS, config, model, upstream, keys)
-    judgments, manifest, computed = _run_shards(store, uri, shards, info, compute, [JUDGMENT_ID], progress, fresh)
+    judgments, manifest, reports = _run_shards(
+        store, stage, config, model, uri, payloads, info, [JUDGMENT_ID], progress, fresh, runner
+    )
 
     scores = response_scores(judgments)
     scores_uri = artifact_uri(store, config, SCORES)
@@ -510,7 +636,8 @@ def judge(
         "responses_without_valid_score": int((scores[N_VALID] == 0).sum()),
         "finish_reasons": _counts(judgments[FINISH_REASON], ("stop", "length")),
         "shards": len(shards),
-        "shards_computed": computed,
+        "shards_computed": len(reports),
+        "execution": _execution_summary(reports),
     }
     return StageResult(
         stage=stage, uri=uri, uris={JUDGMENTS: uri, SCORES: scores_uri}, key=manifest["fingerprint"], summary=summary
@@ -519,6 +646,45 @@ def judge(
 
 # ----------------------------------------------------------------------------------------------
 # meta_judge
+
+
+def _meta_judge_shard(engine: Callable[[], Engine], config: IterationConfig, index: int, batch: pd.DataFrame) -> pd.DataFrame:
+    """One shard's planned comparisons (`COMPARISONS_COLUMNS` with the texts: `prompt`, `response`,
+    `judgment_a`, `judgment_b`), each judged once, the winner parsed or forced in `forced` mode."""
+    if batch.empty:
+        return _empty(META_JUDGMENTS_COLUMNS)
+    settings = config.meta_judge
+    conversations = [
+        _user(render_meta_judge_prompt(prompt, response, judgment_a, judgment_b))
+        for prompt, response, judgment_a, judgment_b in zip(batch[PROMPT], batch[RESPONSE], batch["judgment_a"], batch["judgment_b"])
+    ]
+    sampling = Sampling(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        seed=shard_seed(config, "meta_judge", index),
+    )
+    completions = engine().generate(conversations, sampling, n=1)
+    table = batch[list(COMPARISONS_COLUMNS)].copy()
+    table[META_JUDGMENT] = [samples[0].text for samples in completions]
+    parsed = parsing.parse_winners(table[META_JUDGMENT])
+    table[WINNER] = parsed[WINNER].to_numpy(dtype=object)
+    table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
+    if config.verdict_mode == "forced":
+        failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
+        if len(failed):
+            options, texts = force_verdicts(
+                engine(),
+                [conversations[row] for row in failed],
+                table[META_JUDGMENT].to_numpy()[failed].tolist(),
+                "winner",
+                settings.temperature,
+                shard_seed(config, "meta_judge", index, purpose="forced"),
+            )
+            table.loc[failed, META_JUDGMENT] = texts
+            table.loc[failed, WINNER] = [WINNER_OF_OPTION[option] for option in options]
+            table.loc[failed, STATUS] = STATUS_FORCED
+    return table[list(META_JUDGMENTS_COLUMNS)]
 
 
 def meta_judge(
@@ -530,11 +696,13 @@ def meta_judge(
     judgments_uri: str,
     progress: ProgressCallback | None = None,
     fresh: bool = False,
+    runner: ShardRunner | None = None,
 ) -> StageResult:
     """The meta-judge: per prompt, the response whose valid judgment scores vary most; every pair of
     its valid judgments compared in both orders (N(N-1) calls per prompt); the winner parsed, or
     forced in `forced` mode. Writes `meta_targets` and `meta_judgments`. Only run in iterations
-    that train judge pairs (`pairs.train_judge_pairs`)."""
+    that train judge pairs (`pairs.train_judge_pairs`). `runner` computes the shards (None: in this
+    process)."""
     stage = "meta_judge"
     upstream = {PROMPTS: prompts_uri, RESPONSES: responses_uri, JUDGMENTS: judgments_uri}
     tables, keys = _read_inputs(store, upstream)
@@ -551,51 +719,26 @@ def meta_judge(
     response_text = dict(zip(responses[RESPONSE_ID], responses[RESPONSE]))
     judgment_text = dict(zip(judgments[JUDGMENT_ID], judgments[JUDGMENT]))
     shards = shard_prompt_ids(prompts, config.shard_size)
-    engine = _LazyEngine(store, config, model)
-    settings = config.meta_judge
-
-    def compute(index: int, prompt_ids: list[str]) -> pd.DataFrame:
+    payloads = []
+    for prompt_ids in shards:
         batch = plan[plan[PROMPT_ID].isin(prompt_ids)].reset_index(drop=True)
-        if batch.empty:
-            return _empty(META_JUDGMENTS_COLUMNS)
-        conversations = [
-            _user(render_meta_judge_prompt(prompt_text[pid], response_text[rid], judgment_text[a], judgment_text[b]))
-            for pid, rid, a, b in batch[list(COMPARISONS_COLUMNS)].itertuples(index=False)
-        ]
-        sampling = Sampling(
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_tokens=settings.max_tokens,
-            seed=shard_seed(config, stage, index),
+        payloads.append(
+            batch.assign(
+                **{
+                    PROMPT: [prompt_text[pid] for pid in batch[PROMPT_ID]],
+                    RESPONSE: [response_text[rid] for rid in batch[RESPONSE_ID]],
+                    "judgment_a": [judgment_text[a] for a in batch[JUDGMENT_A_ID]],
+                    "judgment_b": [judgment_text[b] for b in batch[JUDGMENT_B_ID]],
+                }
+            )
         )
-        completions = engine().generate(conversations, sampling, n=1)
-        table = batch.copy()
-        table[META_JUDGMENT] = [samples[0].text for samples in completions]
-        parsed = parsing.parse_winners(table[META_JUDGMENT])
-        table[WINNER] = parsed[WINNER].to_numpy(dtype=object)
-        table[STATUS] = parsed[STATUS].astype(str).to_numpy(dtype=object)
-        if config.verdict_mode == "forced":
-            failed = np.flatnonzero((table[STATUS] != STATUS_OK).to_numpy())
-            if len(failed):
-                options, texts = force_verdicts(
-                    engine(),
-                    [conversations[row] for row in failed],
-                    table[META_JUDGMENT].to_numpy()[failed].tolist(),
-                    "winner",
-                    settings.temperature,
-                    shard_seed(config, stage, index, purpose="forced"),
-                )
-                table.loc[failed, META_JUDGMENT] = texts
-                table.loc[failed, WINNER] = [WINNER_OF_OPTION[option] for option in options]
-                table.loc[failed, STATUS] = STATUS_FORCED
-        return table[list(META_JUDGMENTS_COLUMNS)]
 
     uri = artifact_uri(store, config, META_JUDGMENTS)
     info = _artifact_info(
         stage, META_JUDGMENTS, config, model, {**upstream, META_TARGETS: targets_uri}, {**keys, META_TARGETS: targets_info.fingerprint}
     )
-    meta_judgments, manifest, computed = _run_shards(
-        store, uri, shards, info, compute, [JUDGMENT_A_ID, JUDGMENT_B_ID], progress, fresh
+    meta_judgments, manifest, reports = _run_shards(
+        store, stage, config, model, uri, payloads, info, [JUDGMENT_A_ID, JUDGMENT_B_ID], progress, fresh, runner
     )
     winners = meta_judgments[WINNER]
     summary = {
@@ -609,7 +752,8 @@ def meta_judge(
         "win_1st": int((winners == "A").sum()),
         "win_2nd": int((winners == "B").sum()),
         "shards": len(shards),
-        "shards_computed": computed,
+        "shards_computed": len(reports),
+        "execution": _execution_summary(reports),
     }
     return StageResult(
         stage=stage,
@@ -849,3 +993,11 @@ def summary(store: Store, config: IterationConfig, model: ModelRef, results: Seq
         "final_loss": trained.get("final_loss"),
     }
     return StageResult(stage=stage, uri=uri, uris={SUMMARY: uri}, key=manifest["fingerprint"], summary=overview)
+
+
+# The shard computations of the sharded stages, by stage name (`run_shard` dispatches on it).
+_SHARD_FUNCTIONS: dict[str, Callable[[Callable[[], Engine], IterationConfig, int, pd.DataFrame], pd.DataFrame]] = {
+    "generate": _generate_shard,
+    "judge": _judge_shard,
+    "meta_judge": _meta_judge_shard,
+}

@@ -24,7 +24,7 @@ import fsspec
 from metareward.checkpoints import ModelRef, materialize
 from metareward.engines.base import Choice, Completion, Engine, EngineConfig, Sampling
 
-__all__ = ["Choice", "Completion", "Engine", "EngineConfig", "Sampling", "load_engine", "release_engines", "loaded_engines"]
+__all__ = ["Choice", "Completion", "Engine", "EngineConfig", "Sampling", "engine_is_loaded", "load_engine", "release_engines", "loaded_engines"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ def load_engine(config: EngineConfig, model: ModelRef, fs: fsspec.AbstractFileSy
         engine = engine_class(model_dir, config)
         _engines[key] = engine
         return engine
+
+
+def engine_is_loaded(config: EngineConfig, model: ModelRef) -> bool:
+    """Whether `load_engine(config, model)` would return an engine already loaded in this process."""
+    with _engines_lock:
+        return _engine_key(config, model) in _engines
 
 
 def loaded_engines() -> list[Engine]:
