@@ -463,13 +463,13 @@ def plan(
     console.print(work)
 
     time = Table(title=f"hours per iteration on {run_plan.gpus} GPU(s): {run_plan.engines} engine(s) of {run_plan.gpus_per_engine:g} GPU(s)")
-    for column in ("iter", "shards", "busy engines", "hours actor", "hours judge", "hours meta", "hours generation",
+    for column in ("iter", "shards", "waves", "hours actor", "hours judge", "hours meta", "hours generation",
                    "DPO pairs", "DPO tokens", "hours DPO", "hours"):
         time.add_column(column, justify="right")
     for item in run_plan.iterations:
         stage = item.stage_hours or {}
         time.add_row(
-            str(item.iteration), f"{item.shards:,}", str(item.busy_engines), *(_hours(stage.get(role)) for role in roles),
+            str(item.iteration), f"{item.shards:,}", str(item.waves), *(_hours(stage.get(role)) for role in roles),
             _hours(item.generation_hours), f"{item.actor_pairs + item.judge_pairs:,}", _tokens(item.train_tokens),
             _hours(item.train_hours), _hours(item.hours),
         )
@@ -478,7 +478,7 @@ def plan(
     train_total = None if run_plan.train_tokens_per_second is None else run_plan.total("train_hours")
     stage_totals = [None if run_plan.tokens_per_second is None else sum(item.stage_hours[role] for item in run_plan.iterations) for role in roles]
     time.add_row(
-        "total", f"{run_plan.total('shards'):,.0f}", "", *(_hours(value) for value in stage_totals), _hours(totals["generation_hours"]),
+        "total", f"{run_plan.total('shards'):,.0f}", f"{run_plan.total('waves'):,.0f}", *(_hours(value) for value in stage_totals), _hours(totals["generation_hours"]),
         f"{run_plan.total('actor_pairs') + run_plan.total('judge_pairs'):,.0f}", _tokens(run_plan.total("train_tokens")),
         _hours(train_total), _hours(totals["hours"]),
     )
@@ -500,8 +500,8 @@ def plan(
         console.print("No hours: give --tokens-per-second, one engine's measured generation throughput for this model.")
     else:
         console.print(
-            f"Hours = (generated + prefill / {run_plan.prefill_speedup:g}) / ({run_plan.tokens_per_second:,g} tokens/s x busy engines) / 3600 "
-            "per stage; busy engines = min(engines, shards). Engine loading and forced verdicts are not counted."
+            f"Hours of a stage = (generated + prefill / {run_plan.prefill_speedup:g}) / shards x waves / {run_plan.tokens_per_second:,g} tokens/s / 3600; "
+            f"waves = ceil(shards / {run_plan.engines} engine(s)). Engine loading and forced verdicts are not counted."
         )
     if run_plan.train_tokens_per_second is None:
         console.print("DPO is not in the hours: give --train-tokens-per-second, the measured throughput of the DPO step.")

@@ -15,11 +15,14 @@ prefill (input) tokens = requests x the mean prompt length of that role's reques
 per request (vLLM's n samples of one request share their prompt) and without prefix caching (an
 upper bound). Hours of a stage:
 
-    (generated + prefill / prefill_speedup) / (tokens_per_second x busy engines) / 3600
+    (generated + prefill / prefill_speedup) / shards x waves / tokens_per_second / 3600
 
-where `tokens_per_second` is one engine's generation throughput for the model (measure it), the
-engines are `gpus // execution.ray.gpus_per_engine` with `execution.backend: ray` and 1 with
-`local`, and busy engines = min(engines, shards): a shard (`shard_size` prompts) runs on one engine.
+where `tokens_per_second` is one engine's generation throughput for the model (measure it), shards
+= ceil(P / `shard_size`), each shard runs on one engine, and waves = ceil(shards / engines) rounds
+of at most `engines` shards run one after another; the engines are `gpus //
+execution.ray.gpus_per_engine` with `execution.backend: ray` and 1 with `local`. With shards a
+multiple of the engines this is tokens / (tokens_per_second x engines); otherwise the last wave
+leaves engines idle and the hours say so.
 Stages run one after another; an iteration's hours are the sum of its stages' (plus DPO when a
 training throughput is given). Engine loading, forced verdicts and storage are not counted.
 
@@ -97,7 +100,7 @@ class IterationPlan:
     generated_tokens: dict[str, float]
     prefill_tokens: dict[str, float]
     shards: int
-    busy_engines: int
+    waves: int
     shard_advice: str | None
     actor_pairs: int
     judge_pairs: int
@@ -243,7 +246,7 @@ def plan_iteration(
     }
 
     shards = math.ceil(prompts / config.shard_size)
-    busy_engines = min(engines, shards)
+    waves = math.ceil(shards / engines)
     advice = None
     if config.execution.backend == "ray":
         advice = shard_size_advice(config.execution.ray, prompts, config.shard_size, engines)
@@ -272,7 +275,7 @@ def plan_iteration(
         generated_tokens=generated,
         prefill_tokens=prefill,
         shards=shards,
-        busy_engines=busy_engines,
+        waves=waves,
         shard_advice=advice,
         actor_pairs=actor_pairs,
         judge_pairs=judge_pairs,
@@ -281,7 +284,7 @@ def plan_iteration(
     )
     if tokens_per_second is not None:
         plan.stage_hours = {
-            role: (generated[role] + prefill[role] / prefill_speedup) / (tokens_per_second * busy_engines) / 3600 for role in ROLES
+            role: (generated[role] + prefill[role] / prefill_speedup) / shards * waves / tokens_per_second / 3600 for role in ROLES
         }
     if train_tokens_per_second is not None:
         plan.train_hours = train_tokens / train_tokens_per_second / 3600

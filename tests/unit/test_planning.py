@@ -78,10 +78,10 @@ def _ray_config(shard_size: int, per_iteration: int = 64) -> RunConfig:
     )
 
 
-def test_hours_scale_with_one_over_gpus_while_shards_keep_engines_busy():
+def test_hours_scale_with_one_over_gpus_when_shards_fill_the_engines():
     config = _ray_config(shard_size=4)  # 16 shards
-    hours = {gpus: planning.plan_run(config, gpus=gpus, tokens_per_second=1000.0).hours for gpus in (1, 2, 4, 8)}
-    for gpus in (2, 4, 8):
+    hours = {gpus: planning.plan_run(config, gpus=gpus, tokens_per_second=1000.0).hours for gpus in (1, 2, 4, 8, 16)}
+    for gpus in (2, 4, 8, 16):
         assert hours[gpus] == pytest.approx(hours[1] / gpus)
 
     item = planning.plan_run(config, gpus=1, tokens_per_second=1000.0, prefill_speedup=4.0).iterations[0]
@@ -90,12 +90,13 @@ def test_hours_scale_with_one_over_gpus_while_shards_keep_engines_busy():
         assert item.stage_hours[role] == pytest.approx(expected)
 
 
-def test_engines_beyond_the_shards_stay_idle_and_the_advice_says_so():
+def test_a_last_wave_of_few_shards_leaves_engines_idle_and_the_advice_says_so():
     config = _ray_config(shard_size=16)  # 4 shards
-    four = planning.plan_run(config, gpus=4, tokens_per_second=1000.0)
-    eight = planning.plan_run(config, gpus=8, tokens_per_second=1000.0)
-    assert eight.engines == 8 and eight.iterations[0].busy_engines == 4
-    assert eight.hours == pytest.approx(four.hours)
+    one, three, eight = (planning.plan_run(config, gpus=gpus, tokens_per_second=1000.0) for gpus in (1, 3, 8))
+    # 3 engines: a wave of 3 shards, then 1 shard alone; 8 engines: 4 of them busy, one wave.
+    assert [run_plan.iterations[0].waves for run_plan in (one, three, eight)] == [4, 2, 1]
+    assert three.hours == pytest.approx(one.hours / 2)
+    assert eight.hours == pytest.approx(one.hours / 4)
     advice = eight.iterations[0].shard_advice
     assert advice is not None and "4 shards for 8 engine(s)" in advice
 
