@@ -873,9 +873,11 @@ def train(
     (counts in `summary["mixing"]`). With LoRA the adapter is saved at `{iteration}/adapter`
     (`summary["adapter"]`); with `training.save_steps` trainer checkpoints go to
     `{iteration}/train_state` and a re-run after a kill resumes from the newest
-    (`summary["resumed_from_step"]`); the state is removed once M_i is saved. With no pairs at all,
-    or none left after the training input rules (`metareward.training`), nothing is trained: the
-    result has `model=None` and `summary["message"]` says why; the caller stops the run there."""
+    (`summary["resumed_from_step"]`); the state is removed once M_i is saved. With
+    `training.launcher: ray_train` the DPO workers run on the Ray cluster of `execution.ray`. With
+    no pairs at all, or none left after the training input rules (`metareward.training`), nothing is
+    trained: the result has `model=None` and `summary["message"]` says why; the caller stops the
+    run there."""
     stage = "train"
     upstream = {ACTOR_PAIRS: actor_pairs_uri} | ({JUDGE_PAIRS: judge_pairs_uri} if judge_pairs_uri else {})
     tables, keys = _read_inputs(store, upstream)
@@ -906,6 +908,7 @@ def train(
             fs=_fs(store),
             adapter_uri=artifact_uri(store, config, ADAPTER),
             state_uri=artifact_uri(store, config, TRAIN_STATE),
+            ray=config.execution.ray,
         )
     except NoTrainablePairs as error:
         message = (

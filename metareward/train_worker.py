@@ -1,14 +1,22 @@
-"""One rank of a multi-process training run: `python -m metareward.train_worker JOB_JSON`.
+"""One rank of a multi-process training run, started by `accelerate launch` or by Ray Train; both
+run `metareward.training.run_job`, the function a one-process run calls in its own process.
 
-Started by `accelerate launch` in the child process group that `metareward.training.run_child`
-starts; reads the `TrainJob` spec file the parent wrote and runs `metareward.training.run_job`.
-Each rank dies with the process that started it (PR_SET_PDEATHSIG, Linux): the parent's death
-kills the launcher, the launcher's death kills the ranks, so no rank outlives the pipeline.
+`python -m metareward.train_worker JOB_JSON`: a rank under `accelerate launch`, in the child process
+group that `metareward.training.run_child` starts; reads the `TrainJob` spec file the parent wrote.
+Each rank dies with the process that started it (PR_SET_PDEATHSIG, Linux): the parent's death kills
+the launcher, the launcher's death kills the ranks, so no rank outlives the pipeline.
+
+`train_loop_per_worker`: a Ray Train worker (`metareward.training.run_ray_train`); Ray ends the
+workers with the driver that owns them.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from metareward.processes import die_with_parent
 
@@ -26,6 +34,45 @@ def main(argv: list[str]) -> None:
 
         fs = fsspec.AbstractFileSystem.from_json(job.fs_json)
     run_job(job, fs=fs)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of `loop_config["spec"]` (a `RayTrainSpec`). torch.distributed is set
+    up by Ray Train, with RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR in the environment, where
+    accelerate (under TRL) finds them. The node's first worker materializes the base and writes the
+    job's files and spec into a scratch folder of the node while the others wait, as the parent does
+    for the accelerate ranks; rank 0 saves the checkpoints to the run's storage and puts its
+    `TrainOutcome` in `spec.results`."""
+    import ray.train
+    import torch.distributed as dist
+
+    from metareward.checkpoints import materialize
+    from metareward.training import TrainJob, local_job, resolve_precision, run_job, save_outputs
+
+    spec = loop_config["spec"]
+    context = ray.train.get_context()
+    node_main = context.get_local_rank() == 0
+    # One path for every worker of a node, from the driver's token.
+    scratch_dir = Path(tempfile.gettempdir()) / f"metareward-train-{spec.token}"
+    job_path = scratch_dir / "job.json"
+    try:
+        resolve_precision(spec.precision)  # bf16 on a GPU without it fails here, naming the setting
+        if node_main:
+            scratch_dir.mkdir()
+            job = local_job(
+                spec.config, spec.precision, materialize(spec.base, spec.fs), spec.examples, scratch_dir,
+                spec.state_uri, spec.resume_uri, spec.fs,
+            )  # fmt: skip
+            job.write(job_path)
+        dist.barrier()
+        job = TrainJob.read(job_path)
+        run_job(job, fs=spec.fs)
+        if context.get_world_rank() == 0:
+            spec.results.put(save_outputs(job, spec.source, spec.output_uri, spec.adapter_uri, spec.fs))
+    finally:
+        # Ray Train groups the ranks by node, so rank 0 is its node's first worker: its files last as long as it does.
+        if node_main:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

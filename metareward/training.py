@@ -50,6 +50,23 @@ local folder; the parent saves it with `save_checkpoint`. The group dies with th
 PR_SET_PDEATHSIG on the launcher and every rank, and the parent kills the group on any exception
 (a cancelled flow run included) before re-raising.
 
+Ray Train (`launcher: ray_train`): `num_processes` Ray Train workers (`TorchTrainer`, DDP) on the
+cluster of `execution.ray` (`metareward.execution.connected`), one GPU each (nccl), or CPU workers
+(gloo) when `execution.ray.gpus_per_engine` is 0, `cpus_per_engine` CPUs each. Each worker runs
+`metareward.train_worker.train_loop_per_worker`: the node's first worker materializes the base and
+writes the examples into a scratch folder of its node, then every worker runs `run_job`, the same
+function the accelerate ranks run (Ray Train has set up torch.distributed and RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR; accelerate and TRL take them from there). Rank 0 saves M_i (and the
+adapter) with `save_checkpoint` itself, straight to the run's storage, and hands the log history back
+to the driver through a Ray queue. Storage: the workers read the base and rank 0 writes the outputs
+and trainer checkpoints from whichever node it runs on, so with a cluster address the output,
+adapter and state locations must be object storage (a local folder is refused), and a local base
+(the embedded seed model) must be at the same path on every node. Ray Train's own run folder
+(`RunConfig.storage_path`) is a scratch folder on the driver's node: its controller, which Ray
+pins to that node, is the only writer, because no Ray Train checkpoint is reported. The
+filesystem `fs` travels to the workers pickled, with the options it was built with (explicit
+credentials included; credentials from each node's own environment or role do not travel).
+
 Resuming (`save_steps` > 0 and a `state_uri`): TRL saves a trainer checkpoint every `save_steps`
 optimizer steps; the main rank uploads it to `{state_uri}/checkpoint-{step}` (a `complete`
 marker last, older ones removed) beside `job.json`, the fingerprint of (base sha256, examples,
@@ -59,8 +76,9 @@ state is discarded. The state is removed once M_i is saved.
 
 Layout of the code: `prepare_examples` and `select_mix` (pure: pairs -> TRL examples + counts),
 `build_dpo_config` (TrainingConfig -> DPOConfig), `run_job` (the trainer run on a `TrainJob`, in
-this process or in each rank of the child; writes local folders), `train_dpo` (materialize,
-prepare, mix, resume, run, save, report).
+this process, in each rank of the child or in each Ray Train worker; writes local folders),
+`save_outputs` (the trained folders -> checkpoints), `run_ray_train` (the driver side of Ray
+Train), `train_dpo` (materialize, prepare, mix, resume, run, save, report).
 
 torch, transformers, datasets and trl are imported lazily: importing this module is cheap.
 """
@@ -79,12 +97,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metareward.checkpoints import ModelRef, materialize, save_checkpoint
 from metareward.processes import child_environment, die_with_parent, kill_group
@@ -104,6 +123,8 @@ from metareward.schema import (
 
 if TYPE_CHECKING:
     import fsspec
+
+    from metareward.execution import RayExecutionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +217,24 @@ class TrainingConfig(BaseModel):
         logging_steps (`int`, *optional*, defaults to `1`):
             Optimizer steps between two rows of `TrainResult.metrics` (each row averages the steps
             since the previous one).
+        launcher (`str`, *optional*, defaults to `"accelerate"`):
+            `accelerate`: on this machine; `num_processes` 1 trains in the stage's own process,
+            more run `accelerate launch` in a child process group. `ray_train`: `num_processes`
+            Ray Train workers (DDP) on the Ray cluster of `execution.ray` (its `address`; `local`
+            starts Ray on this machine), possibly on several machines: one GPU per worker (nccl),
+            or CPU workers (gloo) when `execution.ray.gpus_per_engine` is 0, with
+            `execution.ray.cpus_per_engine` CPUs each; `precision: auto` is then bf16 on GPU
+            workers. With a cluster address the run's storage must be object storage. Needs the
+            `ray` extra; only `distributed: ddp`.
         num_processes (`int`, *optional*, defaults to `1`):
-            Training processes. 1 trains in the stage's own process; more run `accelerate launch`
-            in a child process group (one rank per GPU, or per CPU share with the gloo backend).
-            Global batch = batch size x accumulation x processes.
+            Training processes: ranks under `accelerate`, workers under `ray_train` (one per GPU,
+            or per CPU share with the gloo backend). Global batch = batch size x accumulation x
+            processes.
         distributed (`str`, *optional*, defaults to `"ddp"`):
             Which shipped accelerate config (`configs/accelerate/{distributed}.yaml`) the child
             launches with when `num_processes` > 1: `ddp`, `fsdp` (full sharding, GPUs) or
-            `deepspeed` (ZeRO-2; needs the `deepspeed` package, GPUs). On CPU only `ddp`.
+            `deepspeed` (ZeRO-2; needs the `deepspeed` package, GPUs). On CPU, and with
+            `launcher: ray_train`, only `ddp`.
 
         > Parameters that control the reference and the adapter
 
@@ -246,6 +277,7 @@ class TrainingConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     logging_steps: int = Field(1, ge=1)
+    launcher: Literal["accelerate", "ray_train"] = "accelerate"
     num_processes: int = Field(1, ge=1)
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     precompute_ref_log_probs: bool = False
@@ -253,6 +285,15 @@ class TrainingConfig(BaseModel):
     max_judge_pairs: int | None = Field(None, ge=0)
     judge_pairs_ratio: float | None = Field(None, ge=0)
     save_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> TrainingConfig:
+        if self.launcher == "ray_train" and self.distributed != "ddp":
+            raise ValueError(
+                f"distributed {self.distributed!r} is an accelerate config; launcher 'ray_train' runs DDP "
+                "workers: set distributed to 'ddp' or launcher to 'accelerate'"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -292,7 +333,8 @@ class TrainResult:
     mixing: the counts of `select_mix` (trainable and used pairs per kind, judge pairs left out).
     adapter: the LoRA adapter checkpoint (None for full fine-tuning).
     resumed_from_step: the trainer checkpoint's step this run resumed from (0: from the start).
-    num_processes: training processes (1: in this process).
+    num_processes: training processes (accelerate ranks or Ray Train workers) as the trainer counted
+        them (its world size; 1: in this process).
     train_seconds: wall time of `trainer.train()` (loading and saving excluded).
     """
 
@@ -614,7 +656,12 @@ def run_job(job: TrainJob, fs: fsspec.AbstractFileSystem | None = None, callback
     if trainer.is_world_process_zero():
         Path(job.result_path).write_text(
             json.dumps(
-                {"log_history": trainer.state.log_history, "n_steps": trainer.state.global_step, "train_seconds": seconds}
+                {
+                    "log_history": trainer.state.log_history,
+                    "n_steps": trainer.state.global_step,
+                    "train_seconds": seconds,
+                    "world_size": trainer.accelerator.num_processes,
+                }
             )
         )
     trainer.accelerator.wait_for_everyone()
@@ -849,10 +896,10 @@ def _checkpoint_step(path: str) -> int | None:
     return int(name[len(prefix) :]) if name.startswith(prefix) and name[len(prefix) :].isdigit() else None
 
 
-def _prepare_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, fingerprint: str, local_dir: Path) -> str | None:
-    """The local copy of the newest complete trainer checkpoint under `state_uri` made for the
-    same job (`fingerprint`), or None; state left by another job is removed and this job's
-    fingerprint written."""
+def _find_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, fingerprint: str) -> str | None:
+    """The location of the newest complete trainer checkpoint under `state_uri` made for the same
+    job (`fingerprint`), or None; state left by another job is removed and this job's fingerprint
+    written."""
     remote_fs, root = _state_fs(state_uri, fs)
     remote_fs.invalidate_cache(root)
     job_key = f"{root}/{STATE_JOB_FILE}"
@@ -864,10 +911,8 @@ def _prepare_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, finger
         )
         if steps:
             step, path = steps[-1]
-            local = local_dir / f"checkpoint-{step}"
-            remote_fs.get(path.rstrip("/"), str(local), recursive=True)
             logger.info("resuming training from the trainer checkpoint at step %d (%s)", step, path)
-            return str(local)
+            return path.rstrip("/")
         return None
     if remote_fs.exists(root):
         logger.info("discarding trainer state at %s: it belongs to another training job", state_uri)
@@ -875,6 +920,195 @@ def _prepare_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, finger
     remote_fs.makedirs(root, exist_ok=True)
     remote_fs.pipe_file(job_key, json.dumps({"fingerprint": fingerprint}).encode("utf-8"))
     return None
+
+
+def _download_state(resume_uri: str, state_uri: str, fs: fsspec.AbstractFileSystem | None, local_dir: Path) -> str:
+    """A local copy of the trainer checkpoint `resume_uri` (found by `_find_resume`) in `local_dir`."""
+    remote_fs, _ = _state_fs(state_uri, fs)
+    local = local_dir / resume_uri.rsplit("/", 1)[-1]
+    remote_fs.get(resume_uri, str(local), recursive=True)
+    return str(local)
+
+
+def local_job(
+    config: TrainingConfig,
+    precision: str,
+    model_dir: Path,
+    examples: list[dict[str, Any]],
+    scratch_dir: Path,
+    state_uri: str | None,
+    resume_uri: str | None,
+    fs: fsspec.AbstractFileSystem | None,
+    work_dir: str | Path | None = None,
+) -> TrainJob:
+    """The `TrainJob` of a machine: the examples file, the downloaded trainer checkpoint to resume
+    from and the output folders, all in `scratch_dir`; `state_uri` None: no trainer checkpoints."""
+    examples_path = scratch_dir / "examples.json"
+    examples_path.write_text(json.dumps(examples))
+    return TrainJob(
+        model_dir=str(model_dir),
+        examples_path=str(examples_path),
+        config=config.model_dump(mode="json"),
+        precision=precision,
+        work_dir=str(Path(work_dir) if work_dir is not None else scratch_dir / "trainer"),
+        model_out=str(scratch_dir / "model"),
+        adapter_out=str(scratch_dir / "adapter") if config.lora is not None else None,
+        state_uri=state_uri,
+        resume_from=_download_state(resume_uri, state_uri, fs, scratch_dir / "resume") if resume_uri else None,
+        result_path=str(scratch_dir / "result.json"),
+    )
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What the main rank's run gave: the saved checkpoints and the trainer's account of the run."""
+
+    model: ModelRef
+    adapter: ModelRef | None
+    log_history: list[dict[str, float]]
+    n_steps: int
+    train_seconds: float
+    world_size: int
+
+
+def save_outputs(
+    job: TrainJob,
+    source: dict[str, Any],
+    output_uri: str,
+    adapter_uri: str,
+    fs: fsspec.AbstractFileSystem | None,
+) -> TrainOutcome:
+    """Save what the main rank of `job` wrote (model, LoRA adapter) as checkpoints at `output_uri`
+    and `adapter_uri`, `source` plus the run's step count and world size in their manifests."""
+    fitted = json.loads(Path(job.result_path).read_text())
+    source = source | {"n_steps": fitted["n_steps"], "num_processes": fitted["world_size"]}
+    adapter_ref = None
+    if job.adapter_out is not None:
+        adapter_files = _SavedFolder(Path(job.adapter_out))
+        adapter_source = source | {"kind": "dpo-lora-adapter", "peft": importlib.metadata.version("peft")}
+        adapter_ref = save_checkpoint(adapter_files, adapter_files, adapter_uri, fs=fs, source=adapter_source)
+        source |= {"adapter_uri": adapter_ref.uri, "adapter_sha256": adapter_ref.sha256}
+    model_files = _SavedFolder(Path(job.model_out))
+    model_ref = save_checkpoint(model_files, model_files, output_uri, fs=fs, source=source)
+    return TrainOutcome(
+        model=model_ref,
+        adapter=adapter_ref,
+        log_history=fitted["log_history"],
+        n_steps=fitted["n_steps"],
+        train_seconds=fitted["train_seconds"],
+        world_size=fitted["world_size"],
+    )
+
+
+# --- Ray Train ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayTrainSpec:
+    """What every Ray Train worker needs (`train_loop_config["spec"]`): the base checkpoint (each
+    node materializes it), the examples, the settings, where trainer checkpoints go and which to
+    resume from, where rank 0 saves M_i and the adapter with which manifest `source`, the
+    filesystem of those locations, and `results`, the Ray queue rank 0 puts its `TrainOutcome` in.
+    `token` names the run's scratch folder on each node."""
+
+    token: str
+    base: ModelRef
+    examples: list[dict[str, Any]]
+    config: TrainingConfig
+    precision: str
+    state_uri: str | None
+    resume_uri: str | None
+    output_uri: str
+    adapter_uri: str
+    source: dict[str, Any]
+    fs: Any
+    results: Any = None
+
+
+def ray_train_precision(precision: str, gpu_workers: bool) -> str:
+    """`TrainingConfig.precision` for Ray Train workers, decided on the driver (which may have no
+    GPU): `auto` is bf16 on GPU workers, fp32 on CPU workers. Each GPU worker checks bf16 support."""
+    if precision == "auto":
+        return "bf16" if gpu_workers else "fp32"
+    if precision == "bf16" and not gpu_workers:
+        raise ValueError(
+            "training.precision 'bf16' needs GPU workers, and execution.ray.gpus_per_engine 0 gives CPU workers; "
+            "use precision 'auto' or 'fp32'"
+        )
+    return precision
+
+
+def check_ray_train(ray: RayExecutionConfig, locations: dict[str, str | None]) -> None:
+    """Refuse, before anything is loaded, a Ray Train run that cannot work: Ray Train not installed,
+    or a cluster address with an output location (`locations`: name -> URI, None for unused) in a
+    local folder that rank 0, on whichever node it runs, may not be able to write."""
+    from metareward.execution import INSTALL_HINT, ExecutionError
+
+    try:
+        import ray.train.torch  # noqa: F401
+    except ImportError as error:
+        raise ExecutionError(f"training.launcher is 'ray_train' but {error.name} is not installed: {INSTALL_HINT}") from None
+    if not ray.is_cluster:
+        return
+    for name, uri in locations.items():
+        if uri is not None and fsspec_protocol(uri) == "file":
+            raise ExecutionError(
+                f"training.launcher is 'ray_train' on the cluster at execution.ray.address {ray.address!r}: rank 0 may "
+                f"run on another machine, which cannot write the local folder {uri!r} ({name}); set storage.root to "
+                "object storage (s3://bucket/prefix) every node can reach"
+            )
+
+
+def fsspec_protocol(uri: str) -> str:
+    """'file' for a local path or file:// URL, else the URL's protocol ('s3')."""
+    import fsspec.utils
+
+    protocol = fsspec.utils.get_protocol(uri)
+    return "file" if protocol in ("file", "local") else protocol
+
+
+def run_ray_train(spec: RayTrainSpec, ray: RayExecutionConfig, storage_dir: Path) -> TrainOutcome:
+    """Run `spec` on `spec.config.num_processes` Ray Train workers of the cluster `ray` and return
+    rank 0's outcome. `storage_dir`: Ray Train's run folder, on this machine (its controller runs
+    here). A failed worker fails the run (no Ray-level retry: the stage's retry resumes from the
+    trainer checkpoints). Raises `RuntimeError` naming the failure."""
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from metareward.execution import connected
+    from metareward.train_worker import train_loop_per_worker
+
+    gpu_workers = ray.gpus_per_engine > 0
+    resources = {"CPU": ray.cpus_per_engine} | ({"GPU": 1} if gpu_workers else {})
+    # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs: CPU workers must not see any.
+    worker_env = {"HF_HUB_OFFLINE": "1"} | ({} if gpu_workers else {"CUDA_VISIBLE_DEVICES": ""})
+    workers = spec.config.num_processes
+    with connected(ray):
+        results = Queue(actor_options={"num_cpus": 0})
+        try:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"spec": replace(spec, results=results)},
+                torch_config=TorchConfig(backend="nccl" if gpu_workers else "gloo"),
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu_workers, resources_per_worker=resources),
+                run_config=RunConfig(
+                    name=f"metareward-train-{spec.token}",
+                    storage_path=str(storage_dir),
+                    worker_runtime_env={"env_vars": worker_env},
+                ),
+            )
+            logger.info("training on %d Ray Train worker(s), %s each, at %s", workers, resources, ray.address)
+            try:
+                trainer.fit()
+            except TrainingFailedError as error:
+                raise RuntimeError(f"training under Ray Train ({workers} workers) failed: {error}") from error
+            try:
+                return results.get(block=False)
+            except Empty:
+                raise RuntimeError("training under Ray Train ended without rank 0's result") from None
+        finally:
+            results.shutdown()
 
 
 def train_dpo(
@@ -887,24 +1121,44 @@ def train_dpo(
     adapter_uri: str | None = None,
     state_uri: str | None = None,
     callbacks: list[Any] | None = None,
+    ray: RayExecutionConfig | None = None,
 ) -> TrainResult:
     """Train M_i from `base` (M_{i-1}, also the DPO reference) on `pairs` and save it at `output_uri`.
 
     `fs` reaches the base, the outputs and the state (an fsspec filesystem with endpoint and
     credentials; default: from the URLs). `work_dir` holds the trainer's scratch files (default:
-    a temporary folder removed afterwards). With `config.lora`, the adapter is saved at
-    `adapter_uri` (default: the folder `adapter` beside `output_uri`). With `config.save_steps`,
-    trainer checkpoints go to `state_uri` (None: not kept) and a re-run resumes from the newest;
-    the state is removed once M_i is saved. `callbacks`: extra TrainerCallbacks (one process only).
-    Raises `ValueError` for bad or empty pairs (see the module docstring), `CheckpointError` for a
-    base that does not verify.
+    a temporary folder removed afterwards; accelerate only). With `config.lora`, the adapter is
+    saved at `adapter_uri` (default: the folder `adapter` beside `output_uri`). With
+    `config.save_steps`, trainer checkpoints go to `state_uri` (None: not kept) and a re-run resumes
+    from the newest; the state is removed once M_i is saved. `callbacks`: extra TrainerCallbacks
+    (one process only). `ray`: the cluster of `launcher: ray_train` (None: `local`, Ray on this
+    machine). Raises `ValueError` for bad or empty pairs (see the module docstring),
+    `CheckpointError` for a base that does not verify, `ExecutionError` for a Ray Train run that
+    cannot work here.
     """
     from transformers import AutoTokenizer
 
     if output_uri.rstrip("/") == base.uri.rstrip("/"):
         raise ValueError(f"output_uri {output_uri!r} is the base checkpoint's location; the new model needs its own")
-    if callbacks and config.num_processes > 1:
-        raise ValueError("callbacks run in this process only; they need training.num_processes 1")
+    on_ray = config.launcher == "ray_train"
+    if callbacks and (config.num_processes > 1 or on_ray):
+        raise ValueError("callbacks run in this process only; they need training.num_processes 1 and launcher 'accelerate'")
+    if work_dir is not None and on_ray:
+        raise ValueError("work_dir is a folder of this machine; Ray Train workers use a scratch folder of their own node")
+    adapter_uri = adapter_uri or _sibling_uri(output_uri, "adapter")
+    keep_state = bool(state_uri and config.save_steps)
+    if on_ray:
+        from metareward.execution import RayExecutionConfig
+
+        ray = ray if ray is not None else RayExecutionConfig()
+        check_ray_train(
+            ray,
+            {
+                "output_uri": output_uri,
+                "adapter_uri": adapter_uri if config.lora is not None else None,
+                "state_uri": state_uri if keep_state else None,
+            },
+        )
     check_pairs(pairs)
     base_dir = materialize(base, fs)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -916,84 +1170,80 @@ def train_dpo(
     )
     examples = [prepared.examples[position] for position in kept]
     used_by_kind = {KIND_ACTOR: mixing["actor_used"], KIND_JUDGE: mixing["judge_used"]}
-    precision = resolve_precision(config.precision)
+    if on_ray:
+        precision = ray_train_precision(config.precision, ray.gpus_per_engine > 0)
+    else:
+        precision = resolve_precision(config.precision)
     logger.info(
-        "DPO on %d pairs (%s) from %s, %s, %d process(es); dropped %s, truncated %d, judge pairs left out %d",
-        len(examples), used_by_kind, base.uri, precision, config.num_processes,
+        "DPO on %d pairs (%s) from %s, %s, %d process(es) (%s); dropped %s, truncated %d, judge pairs left out %d",
+        len(examples), used_by_kind, base.uri, precision, config.num_processes, config.launcher,
         prepared.n_dropped, prepared.n_truncated, mixing["judge_left_out"],
     )  # fmt: skip
-    adapter_uri = adapter_uri or _sibling_uri(output_uri, "adapter")
-    keep_state = bool(state_uri and config.save_steps)
+    resume_uri = None
+    if keep_state:
+        resume_uri = _find_resume(state_uri, fs, _job_fingerprint(base, examples, config, precision))
+    resumed_from_step = _checkpoint_step(resume_uri) if resume_uri else 0
+    source = {
+        "kind": "dpo",
+        "base_uri": base.uri,
+        "base_sha256": base.sha256,
+        "n_pairs_used": len(examples),
+        "n_pairs_used_by_kind": used_by_kind,
+        "n_pairs_dropped": prepared.n_dropped,
+        "n_pairs_truncated": prepared.n_truncated,
+        "mixing": mixing,
+        "resumed_from_step": resumed_from_step,
+        "precision": precision,
+        "config": config.model_dump(mode="json"),
+        "trl": importlib.metadata.version("trl"),
+        "transformers": importlib.metadata.version("transformers"),
+    }
 
     with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
         scratch_dir = Path(scratch)
-        examples_path = scratch_dir / "examples.json"
-        examples_path.write_text(json.dumps(examples))
-        resume_from = None
-        if keep_state:
-            fingerprint = _job_fingerprint(base, examples, config, precision)
-            resume_from = _prepare_resume(state_uri, fs, fingerprint, scratch_dir / "resume")
-        job = TrainJob(
-            model_dir=str(base_dir),
-            examples_path=str(examples_path),
-            config=config.model_dump(mode="json"),
-            precision=precision,
-            work_dir=str(Path(work_dir) if work_dir is not None else scratch_dir / "trainer"),
-            model_out=str(scratch_dir / "model"),
-            adapter_out=str(scratch_dir / "adapter") if config.lora is not None else None,
-            state_uri=state_uri if keep_state else None,
-            resume_from=resume_from,
-            result_path=str(scratch_dir / "result.json"),
-            fs_json=fs.to_json() if fs is not None and keep_state and config.num_processes > 1 else None,
-        )
-        if config.num_processes == 1:
-            run_job(job, fs=fs, callbacks=callbacks)
+        if on_ray:
+            spec = RayTrainSpec(
+                token=uuid.uuid4().hex,
+                base=base,
+                examples=examples,
+                config=config,
+                precision=precision,
+                state_uri=state_uri if keep_state else None,
+                resume_uri=resume_uri,
+                output_uri=output_uri,
+                adapter_uri=adapter_uri,
+                source=source,
+                fs=fs,
+            )
+            outcome = run_ray_train(spec, ray, scratch_dir / "ray_train")
         else:
-            run_child(job, scratch_dir, config)
-        fitted = json.loads(Path(job.result_path).read_text())
-        resumed_from_step = _checkpoint_step(resume_from) if resume_from else 0
-        source = {
-            "kind": "dpo",
-            "base_uri": base.uri,
-            "base_sha256": base.sha256,
-            "n_pairs_used": len(examples),
-            "n_pairs_used_by_kind": used_by_kind,
-            "n_pairs_dropped": prepared.n_dropped,
-            "n_pairs_truncated": prepared.n_truncated,
-            "mixing": mixing,
-            "n_steps": fitted["n_steps"],
-            "resumed_from_step": resumed_from_step,
-            "num_processes": config.num_processes,
-            "precision": precision,
-            "config": config.model_dump(mode="json"),
-            "trl": importlib.metadata.version("trl"),
-            "transformers": importlib.metadata.version("transformers"),
-        }
-        adapter_ref = None
-        if job.adapter_out is not None:
-            adapter_files = _SavedFolder(Path(job.adapter_out))
-            adapter_source = source | {"kind": "dpo-lora-adapter", "peft": importlib.metadata.version("peft")}
-            adapter_ref = save_checkpoint(adapter_files, adapter_files, adapter_uri, fs=fs, source=adapter_source)
-            source["adapter_uri"], source["adapter_sha256"] = adapter_ref.uri, adapter_ref.sha256
-        model_files = _SavedFolder(Path(job.model_out))
-        new_ref = save_checkpoint(model_files, model_files, output_uri, fs=fs, source=source)
+            job = local_job(
+                config, precision, base_dir, examples, scratch_dir, state_uri if keep_state else None, resume_uri, fs, work_dir
+            )
+            if config.num_processes == 1:
+                run_job(job, fs=fs, callbacks=callbacks)
+            else:
+                if fs is not None and keep_state:
+                    job.fs_json = fs.to_json()
+                run_child(job, scratch_dir, config)
+            outcome = save_outputs(job, source, output_uri, adapter_uri, fs)
     if keep_state:
         remote_fs, root = _state_fs(state_uri, fs)
         if remote_fs.exists(root):
             remote_fs.rm(root, recursive=True)
-    logger.info("saved %s (sha256 %s)", new_ref.uri, new_ref.sha256)
+    logger.info("saved %s (sha256 %s)", outcome.model.uri, outcome.model.sha256)
     return TrainResult(
-        model=new_ref,
-        metrics=metrics_table(fitted["log_history"]),
+        model=outcome.model,
+        metrics=metrics_table(outcome.log_history),
         n_pairs_used=len(examples),
         n_pairs_used_by_kind=used_by_kind,
         n_pairs_dropped=prepared.n_dropped,
         n_pairs_truncated=prepared.n_truncated,
-        n_steps=fitted["n_steps"],
+        n_steps=outcome.n_steps,
         precision=precision,
         mixing=mixing,
-        adapter=adapter_ref,
+        adapter=outcome.adapter,
         resumed_from_step=resumed_from_step,
-        num_processes=config.num_processes,
-        train_seconds=fitted["train_seconds"],
+        num_processes=outcome.world_size,
+        train_seconds=outcome.train_seconds,
     )
