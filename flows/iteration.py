@@ -2,7 +2,8 @@
 
 The flow is the list of its stages (one task each, `tasks.stages`):
 
-    sample prompts -> generate -> judge -> [meta-judge] -> actor pairs -> [judge pairs] -> train -> summary
+    sample prompts -> generation subflow (generate -> judge -> [meta-judge]) -> actor pairs
+        -> [judge pairs] -> train -> summary
 
 then the `report` task (`tasks.report`): the iteration's diagnostics, written beside its artifacts
 and shown in the UI; it is not a stage (not cached, not in the outcome's `states`).
@@ -14,27 +15,26 @@ iteration again loads no model and every stage ends `Cached`; `refresh=True` run
 again, sharded stages included (their shards in storage are discarded), and overwrites its
 record. Training releases the serving engines before DPO (in `metareward.stages.train`). On a GPU
 machine the flow holds a concurrency slot of every GPU it sees from generate through train
-(`flows.concurrency`), so two flows never share a GPU. With `evaluation.at_end_of_iteration` the
+(`flows.concurrency`), so two flows never share a GPU. The generation stages run in a subflow
+(`flows.generation`): in this process, or over a Ray cluster with `execution.backend: ray`, whose
+connection and workers end with the subflow, before training. With `evaluation.at_end_of_iteration` the
 evaluation flow (`flows.evaluate`) runs last, as a subflow. An iteration without any pair trains
 nothing: its outcome has no model and a message saying why.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import gpu_slot_names, hold_slots
 from flows.evaluate import evaluate_flow
-from metareward.caching import ensure_run_cache_storage
 from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
 from metareward.stages import StageResult
-from metareward.storage import StorageConfig
 from tasks.report import report
-from tasks.stages import STAGE_TASKS, configured
+from flows.generation import check_execution, ensure_workers_gone, generation_subflow
+from tasks.stages import StageCalls
 
 
 class IterationOutcome(BaseModel):
@@ -55,38 +55,24 @@ class IterationOutcome(BaseModel):
     states: dict[str, str] = Field(default_factory=dict)
 
 
-class _Stages:
-    """Runs stage tasks with the run's result storage and the refresh flag, keeping their results and states."""
-
-    def __init__(self, storage: StorageConfig, run: str, refresh: bool):
-        self.result_storage = ensure_run_cache_storage(storage, run)
-        self.refresh = refresh
-        self.results: dict[str, StageResult] = {}
-        self.states: dict[str, str] = {}
-
-    def __call__(self, stage: str, *args: Any) -> StageResult:
-        state = configured(STAGE_TASKS[stage], self.result_storage, self.refresh)(*args, return_state=True)
-        result = state.result()  # re-raises the task's error: the flow fails with the stage's own message
-        self.results[stage] = result
-        self.states[stage] = state.name
-        return result
-
-
 @flow(name="metareward-iteration", flow_run_name="{config.name}-iter-{iteration}")
 def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: bool = False) -> IterationOutcome:
     """Iteration `iteration` of the run `config` (1 = M0 -> M1), starting from checkpoint `model` (M_{i-1})."""
     settings = config.for_iteration(iteration)
     storage = config.storage
-    stage = _Stages(storage, settings.run, refresh)
+    check_execution(config)
+    stage = StageCalls(storage, settings.run, refresh)
 
     prompts = stage("sample_prompts", storage, settings)
     # The engines stay loaded from generate to train: the GPUs are this flow's for that whole span.
     with hold_slots(gpu_slot_names(), f"iteration {iteration} GPU stages"):
-        responses = stage("generate", storage, settings, model, prompts)
-        judgments = stage("judge", storage, settings, model, prompts, responses)
-        meta_judgments = judge_pairs = None
-        if settings.pairs.train_judge_pairs:
-            meta_judgments = stage("meta_judge", storage, settings, model, prompts, responses, judgments)
+        generated = generation_subflow(config)(config, iteration, model, prompts, refresh)
+        ensure_workers_gone(config, generated)
+        stage.results.update(generated.stages)
+        stage.states.update(generated.states)
+        responses, judgments = generated.stages["generate"], generated.stages["judge"]
+        meta_judgments = generated.stages.get("meta_judge")
+        judge_pairs = None
         actor_pairs = stage("actor_pairs", storage, settings, model, prompts, responses, judgments)
         if meta_judgments is not None:
             judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)

@@ -22,8 +22,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import hold_slots, run_slot_name
+from flows.generation import check_execution
 from flows.iteration import IterationOutcome, iteration_flow
-from metareward.checkpoints import MANIFEST_NAME, CheckpointRetention, ModelRef, prune_checkpoints, resolve_model
+from metareward.checkpoints import (
+    MANIFEST_NAME,
+    CheckpointRetention,
+    ModelRef,
+    prune_checkpoints,
+    publish_checkpoint,
+    resolve_model,
+)
 from metareward.config import RunConfig
 from metareward.stages import SUMMARY
 from metareward.storage import StorageConfig, Store, is_complete, read_artifact
@@ -123,10 +131,23 @@ def resolve_seed_model(spec: str, storage: StorageConfig) -> ModelRef:
     return resolve_model(spec, fs=store.fs if store.protocol == "s3" and spec.startswith("s3://") else None)
 
 
+@task(name="publish-seed-model", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
+def publish_seed_model(model: ModelRef, storage: StorageConfig, run: str) -> ModelRef:
+    """M0 copied to `{root}/{run}/seed` when it is a local folder and the stages run on a Ray
+    cluster: the other machines read it from object storage, verified by its sha256."""
+    store = Store(storage)
+    return publish_checkpoint(model, store.join(store.run_uri(run), "seed"), fs=store.fs)
+
+
 def _newest_checkpoint(config: RunConfig, done: list[IterationRecord]) -> ModelRef:
     """The checkpoint the run continues from: the last trained iteration's, else M0."""
     trained = [record for record in done if record.trained]
-    return trained[-1].model if trained else resolve_seed_model(config.model, config.storage)
+    if trained:
+        return trained[-1].model
+    seed = resolve_seed_model(config.model, config.storage)
+    if config.execution.backend == "ray" and config.execution.ray.is_cluster:
+        seed = publish_seed_model(seed, config.storage, config.name)
+    return seed
 
 
 @task(name="prune-checkpoints", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
@@ -152,6 +173,7 @@ def run_flow(
 
     Only one flow run works on a named run at a time (`flows.concurrency`): while another holds
     the run, `if_busy="wait"` waits for it and `"skip"` ends at once, changing nothing."""
+    check_execution(config)  # a Ray setup that cannot work fails before the seed model is even converted
     with hold_slots([run_slot_name(config.name)], f"run {config.name}", wait=if_busy == "wait") as held:
         if held:
             return _continue_run(config, refresh, max_new_iterations)

@@ -394,6 +394,22 @@ def save_checkpoint(
     return ModelRef(uri=uri, sha256=sha256)
 
 
+def publish_checkpoint(ref: ModelRef, dest_uri: str, fs: fsspec.AbstractFileSystem | None = None) -> ModelRef:
+    """A copy of the local checkpoint `ref` in object storage at `dest_uri`, for workers on other
+    machines (the seed model of a Ray cluster run). The folder is verified against `ref.sha256`
+    first; an upload already there with that hash is reused."""
+    if not _is_local_uri(ref.uri):
+        return ref
+    folder = _local_path(ref.uri)
+    _verify_local(folder, ref.sha256)
+    remote_fs, remote_root = _remote_fs(dest_uri, fs)
+    manifest_key = f"{remote_root}/{MANIFEST_NAME}"
+    if not (remote_fs.exists(manifest_key) and _read_manifest(remote_fs.cat_file(manifest_key), manifest_key).get("sha256") == ref.sha256):
+        _upload(folder, remote_fs, remote_root)
+        logger.info("published checkpoint %s to %s", folder, dest_uri)
+    return ModelRef(uri=remote_fs.unstrip_protocol(remote_root), sha256=ref.sha256)
+
+
 def _upload(folder: Path, remote_fs: fsspec.AbstractFileSystem, remote_root: str) -> None:
     """Upload a checkpoint folder: old manifest removed first, new manifest last."""
     manifest_key = f"{remote_root}/{MANIFEST_NAME}"

@@ -22,6 +22,8 @@ import contextlib
 import logging
 import math
 import re
+import socket
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -201,6 +203,21 @@ def shard_size_advice(ray: RayExecutionConfig, prompts: int, shard_size: int, en
         f"{ray.min_shards_per_engine} per engine: the last shards leave engines idle; shard_size: {better} "
         f"gives {math.ceil(prompts / better)} shards"
     )
+
+
+def local_workers_still_running(workers: list[str], timeout_s: float) -> list[str]:
+    """Of the worker processes named `host:pid`, those on this machine still running after waiting
+    up to `timeout_s` for them to exit (workers on other machines cannot be seen from here)."""
+    import psutil
+
+    host = socket.gethostname()
+    local = [worker for worker in workers if worker.rsplit(":", 1)[0] == host]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [worker for worker in local if psutil.pid_exists(int(worker.rsplit(":", 1)[1]))]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,9 @@ Every stage task retries with exponential backoff, but only faults that may pass
   (connection refused or reset, timeouts, throttling, HTTP 5xx);
 - the network and a remote engine: `httpx` transport errors (connect, read, write, pool
   timeouts, a dropped connection), HTTP 429 and 5xx answers, `ConnectionError`, `TimeoutError`;
+- Ray: a worker or node that died under a shard more often than Ray re-runs it (`WorkerCrashedError`,
+  `NodeDiedError`, `ObjectLostError`, other `RaySystemError`s), and a shard past its deadline
+  (`tasks.shards.ShardDeadlineExceeded`, a `TimeoutError`);
 - the GPU: CUDA out of memory (`torch.cuda.OutOfMemoryError`, or a RuntimeError saying
   "CUDA out of memory"), since another process may have held the memory for a while.
 
@@ -64,11 +67,26 @@ def _is_transient_network(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+def _is_ray_system_fault(exc: BaseException) -> bool:
+    ray_exceptions = sys.modules.get("ray.exceptions")  # only raised where ray is imported already
+    if ray_exceptions is None:
+        return False
+    system_faults = (
+        ray_exceptions.RaySystemError,
+        ray_exceptions.WorkerCrashedError,
+        ray_exceptions.NodeDiedError,
+        ray_exceptions.ObjectLostError,
+    )
+    return isinstance(exc, system_faults)
+
+
 def is_transient_fault(exc: BaseException) -> bool:
     """True when retrying the task may succeed (see the module docstring). Follows the cause chain."""
     if is_transient_storage_error(exc):
         return True
-    return any(_is_cuda_oom(cause) or _is_transient_network(cause) for cause in _causes(exc))
+    return any(
+        _is_cuda_oom(cause) or _is_transient_network(cause) or _is_ray_system_fault(cause) for cause in _causes(exc)
+    )
 
 
 def retry_on_transient_fault(task: Any, task_run: Any, state: Any) -> bool:

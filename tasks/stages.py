@@ -12,6 +12,10 @@ runs first forgets the records of its slot made with other inputs (`forget_other
 
 Retries: `tasks.retries` (transient faults only, exponential backoff). A retried or re-run stage
 resumes from the shards it already committed; with `refresh` the first attempt discards them.
+
+Shards: with `execution.backend: ray` the sharded stages hand their pending shards to
+`tasks.shards` (one Ray task each, in the generation subflow's Ray task runner); otherwise they
+compute them in this process.
 """
 
 from __future__ import annotations
@@ -22,13 +26,20 @@ from prefect import Task, get_run_logger, task
 from prefect.context import TaskRunContext
 
 from metareward import stages as stage_functions
-from metareward.caching import StageCachePolicy, forget_other_records, stage_cache_key, upstream_keys
+from metareward.caching import (
+    StageCachePolicy,
+    ensure_run_cache_storage,
+    forget_other_records,
+    stage_cache_key,
+    upstream_keys,
+)
 from metareward.checkpoints import ModelRef
 from metareward.config import IterationConfig
-from metareward.stages import META_TARGETS, SCORES, StageResult
+from metareward.stages import META_TARGETS, SCORES, ShardRunner, StageResult
 from metareward.storage import StorageConfig, Store
 from tasks.reporting import publish_stage, stage_progress
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
+from tasks.shards import ray_shard_runner
 
 
 def _stage_task(stage: str):
@@ -69,6 +80,11 @@ def _fresh() -> bool:
     return bool(context.task.refresh_cache) and context.task_run.run_count <= 1
 
 
+def _shard_runner(config: IterationConfig) -> ShardRunner | None:
+    """Where the stage's shards run: Ray tasks with `execution.backend: ray`, else this process."""
+    return ray_shard_runner(config.execution.ray) if config.execution.backend == "ray" else None
+
+
 def _finish(store: Store, config: IterationConfig, result: StageResult) -> StageResult:
     publish_stage(store, config, result)
     get_run_logger().info("%s of iteration %d: %s", result.stage, config.iteration, result.summary)
@@ -87,7 +103,9 @@ def generate(storage: StorageConfig, config: IterationConfig, model: ModelRef, p
     """The actor: K responses per prompt, in shards; exact duplicates removed (counted)."""
     store = _begin("generate", storage, config, model, {"prompts": prompts})
     with stage_progress(config, "generate") as progress:
-        result = stage_functions.generate(store, config, model, prompts.uri, progress=progress, fresh=_fresh())
+        result = stage_functions.generate(
+            store, config, model, prompts.uri, progress=progress, fresh=_fresh(), runner=_shard_runner(config)
+        )
     return _finish(store, config, result)
 
 
@@ -98,7 +116,9 @@ def judge(
     """The judge: N judgments per response, in shards, and the per-response scores."""
     store = _begin("judge", storage, config, model, {"prompts": prompts, "responses": responses})
     with stage_progress(config, "judge") as progress:
-        result = stage_functions.judge(store, config, model, prompts.uri, responses.uri, progress=progress, fresh=_fresh())
+        result = stage_functions.judge(
+            store, config, model, prompts.uri, responses.uri, progress=progress, fresh=_fresh(), runner=_shard_runner(config)
+        )
     return _finish(store, config, result)
 
 
@@ -116,7 +136,15 @@ def meta_judge(
     store = _begin("meta_judge", storage, config, model, upstream)
     with stage_progress(config, "meta_judge") as progress:
         result = stage_functions.meta_judge(
-            store, config, model, prompts.uri, responses.uri, judgments.uri, progress=progress, fresh=_fresh()
+            store,
+            config,
+            model,
+            prompts.uri,
+            responses.uri,
+            judgments.uri,
+            progress=progress,
+            fresh=_fresh(),
+            runner=_shard_runner(config),
         )
     return _finish(store, config, result)
 
@@ -199,6 +227,24 @@ STAGE_TASKS: dict[str, Task[..., StageResult]] = {
     "train": train,
     "summary": summary,
 }
+
+
+class StageCalls:
+    """Runs stage tasks with the run's result storage and the refresh flag, keeping their results
+    and final state names by stage (a flow's record of what its stages did)."""
+
+    def __init__(self, storage: StorageConfig, run: str, refresh: bool):
+        self.result_storage = ensure_run_cache_storage(storage, run)
+        self.refresh = refresh
+        self.results: dict[str, StageResult] = {}
+        self.states: dict[str, str] = {}
+
+    def __call__(self, stage: str, *args: Any) -> StageResult:
+        state = configured(STAGE_TASKS[stage], self.result_storage, self.refresh)(*args, return_state=True)
+        result = state.result()  # re-raises the task's error: the flow fails with the stage's own message
+        self.results[stage] = result
+        self.states[stage] = state.name
+        return result
 
 
 def configured(stage_task: Task[..., StageResult], result_storage: str, refresh: bool) -> Task[..., StageResult]:
