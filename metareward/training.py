@@ -1038,16 +1038,21 @@ def ray_train_precision(precision: str, gpu_workers: bool) -> str:
     return precision
 
 
-def check_ray_train(ray: RayExecutionConfig, locations: dict[str, str | None]) -> None:
-    """Refuse, before anything is loaded, a Ray Train run that cannot work: Ray Train not installed,
-    or a cluster address with an output location (`locations`: name -> URI, None for unused) in a
-    local folder that rank 0, on whichever node it runs, may not be able to write."""
+def require_ray_train() -> None:
+    """Raise `ExecutionError` with the install hint unless Ray Train can be imported."""
     from metareward.execution import INSTALL_HINT, ExecutionError
 
     try:
         import ray.train.torch  # noqa: F401
     except ImportError as error:
         raise ExecutionError(f"training.launcher is 'ray_train' but {error.name} is not installed: {INSTALL_HINT}") from None
+
+
+def check_ray_train_locations(ray: RayExecutionConfig, locations: dict[str, str | None]) -> None:
+    """Refuse a cluster address with an output location (`locations`: name -> URI, None for
+    unused) in a local folder, which rank 0, on whichever node it runs, may not be able to write."""
+    from metareward.execution import ExecutionError
+
     if not ray.is_cluster:
         return
     for name, uri in locations.items():
@@ -1067,11 +1072,26 @@ def fsspec_protocol(uri: str) -> str:
     return "file" if protocol in ("file", "local") else protocol
 
 
+def check_worker_resources(cluster: dict[str, float], workers: int, per_worker: dict[str, float]) -> None:
+    """Raise `ExecutionError` when the cluster's resources (`ray.cluster_resources()`) cannot hold
+    `workers` x `per_worker` at once: Ray Train would wait for them forever."""
+    from metareward.execution import ExecutionError
+
+    for name, amount in per_worker.items():
+        if cluster.get(name, 0.0) < workers * amount:
+            raise ExecutionError(
+                f"training.num_processes is {workers}: {workers} Ray Train workers need {workers * amount:g} {name} "
+                f"({amount:g} each) and the Ray cluster has {cluster.get(name, 0.0):g}; lower training.num_processes"
+                + (", or set execution.ray.gpus_per_engine to 0 for CPU workers" if name == "GPU" else ", or execution.ray.cpus_per_engine")
+            )
+
+
 def run_ray_train(spec: RayTrainSpec, ray: RayExecutionConfig, storage_dir: Path) -> TrainOutcome:
     """Run `spec` on `spec.config.num_processes` Ray Train workers of the cluster `ray` and return
     rank 0's outcome. `storage_dir`: Ray Train's run folder, on this machine (its controller runs
     here). A failed worker fails the run (no Ray-level retry: the stage's retry resumes from the
     trainer checkpoints). Raises `RuntimeError` naming the failure."""
+    import ray as ray_module
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -1082,9 +1102,13 @@ def run_ray_train(spec: RayTrainSpec, ray: RayExecutionConfig, storage_dir: Path
     gpu_workers = ray.gpus_per_engine > 0
     resources = {"CPU": ray.cpus_per_engine} | ({"GPU": 1} if gpu_workers else {})
     # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs: CPU workers must not see any.
-    worker_env = {"HF_HUB_OFFLINE": "1"} | ({} if gpu_workers else {"CUDA_VISIBLE_DEVICES": ""})
+    # Ray Train's print patch also writes what a library captures from stdout (dill's dis.dis under
+    # datasets' fingerprinting: pages of bytecode per worker); plain stdout is forwarded all the same.
+    worker_env = {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    worker_env |= {} if gpu_workers else {"CUDA_VISIBLE_DEVICES": ""}
     workers = spec.config.num_processes
     with connected(ray):
+        check_worker_resources(ray_module.cluster_resources(), workers, resources)
         results = Queue(actor_options={"num_cpus": 0})
         try:
             trainer = TorchTrainer(
@@ -1151,7 +1175,8 @@ def train_dpo(
         from metareward.execution import RayExecutionConfig
 
         ray = ray if ray is not None else RayExecutionConfig()
-        check_ray_train(
+        require_ray_train()
+        check_ray_train_locations(
             ray,
             {
                 "output_uri": output_uri,
