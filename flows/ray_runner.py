@@ -37,10 +37,15 @@ class ClusterTaskRunner(RayTaskRunner):
         return isinstance(other, ClusterTaskRunner) and other.settings == self.settings
 
     def __enter__(self) -> ClusterTaskRunner:
+        # Prefect also enters a copy of the flow's task runner inside each Ray worker, to rebuild the
+        # flow's context around a shard: there Ray is connected already and nothing is checked.
+        connecting = not ray.is_initialized()
         try:
             super().__enter__()
         except ConnectionError as error:
             raise explain_connection_error(self.settings, error) from error
+        if not connecting:
+            return self
         try:
             resources = ray.cluster_resources()
             gpus = float(resources.get("GPU", 0.0))

@@ -14,7 +14,6 @@ cannot work on several machines fail at once with a message that says what to ch
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -197,10 +196,12 @@ def test_a_multi_node_setup_that_cannot_work_fails_at_once(case, expected, drive
 
 
 def test_auto_without_a_running_cluster_is_refused_instead_of_starting_one(driver_env, rclone_s3, seed_dir, tmp_path):
+    """`auto` falls back to any `gcs_server` process it can see, so the driver runs in a PID namespace
+    of its own (`unshare`), where the session's cluster is invisible, as on a machine without Ray."""
     storage = rclone_s3.storage_config(prefix="ray-no-cluster")
     env = {key: value for key, value in driver_env.items() if key != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(tmp_path / "no-ray")  # no `ray start` has written its address there
-    result = _run(_config(tmp_path, storage, seed_dir, CLUSTER), env, timeout_s=300)
+    command = ["unshare", "--pid", "--fork", "--mount-proc", METAREWARD, "run", str(_config(tmp_path, storage, seed_dir, CLUSTER))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "no running Ray cluster was found" in result.stdout + result.stderr, result.stderr[-4000:]
     # the driver started no Ray of its own (ray.init says so when it does)
