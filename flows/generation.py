@@ -44,8 +44,9 @@ class GenerationOutcome(BaseModel):
 def check_execution(config: RunConfig) -> None:
     """Refuse at once a Ray setup that cannot work (the `metareward[ray]` extra missing; for a
     cluster: no expected GPU count, a local storage root, the temporary Prefect API), with a message
-    that says what to change. A no-op for the local backend."""
-    if config.execution.backend != "ray":
+    that says what to change. A no-op unless the stages (`execution.backend: ray`) or DPO
+    (`training.launcher: ray_train`) run on Ray."""
+    if config.execution.backend != "ray" and config.training.launcher != "ray_train":
         return
     from prefect.settings import PREFECT_API_URL
 

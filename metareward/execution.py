@@ -114,7 +114,8 @@ class ExecutionConfig(BaseModel):
             `local`: every stage in the flow's own process, shard after shard. `ray`: the shards of
             generate, judge and meta-judge as Ray tasks, one engine per GPU (`ray`).
         ray (`RayExecutionConfig`, *optional*):
-            The cluster and the shards' resources; read only with `backend: ray`.
+            The cluster and the shards' resources; read with `backend: ray`, and by the train stage
+            with `training.launcher: ray_train` (its workers' GPUs and CPUs).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -175,7 +175,9 @@ def test_the_iteration_deployment_runs_one_iteration_and_its_artifacts_are_in_th
     flow_run = wait_final(ops.client, flow_run_id)
     assert flow_run.state.is_completed(), logs(ops.client, flow_run_id)
     iteration_run = subflow_run(ops.client, flow_run_id, f"{RUN}-iter-1")
-    assert {f"{stage}-iter-1" for stage in STAGES} <= set(task_runs(ops.client, str(iteration_run.id)))
+    generation_run = subflow_run(ops.client, str(iteration_run.id), f"{RUN}-iter-1-generation")
+    stage_runs = {**task_runs(ops.client, str(iteration_run.id)), **task_runs(ops.client, str(generation_run.id))}
+    assert {f"{stage}-iter-1" for stage in STAGES} <= set(stage_runs)
     ops.runs["iteration"] = str(iteration_run.id)
 
     keys = [f"{RUN}-iter-1-{stage}-{kind}" for stage in ("generate", "judge", "train") for kind in ("rows", "summary", "link")]
@@ -280,8 +282,8 @@ def test_cancelling_a_running_iteration_ends_its_processes_and_frees_its_run(ops
     while True:
         generate = subflow_tasks = None
         try:
-            iteration_run = subflow_run(ops.client, flow_run_id, "ops-cancel-iter-1")
-            subflow_tasks = task_runs(ops.client, str(iteration_run.id))
+            generation_run = subflow_run(ops.client, flow_run_id, "ops-cancel-iter-1-generation")
+            subflow_tasks = task_runs(ops.client, str(generation_run.id))
             generate = subflow_tasks.get("generate-iter-1")
         except AssertionError:
             pass
