@@ -45,6 +45,7 @@ RUN_TIMEOUT_S = 900
 # METAREWARD_SCREENSHOT_DIR=docs; otherwise they go to the test's temporary folder.
 SCREENSHOT_NAMES = ("prefect-ui-flow-run.png", "prefect-ui-artifacts.png")
 STAGES = ["sample-prompts", "generate", "judge", "actor-pairs", "train", "summary"]
+GENERATION_STAGES = ["generate", "judge"]
 
 
 def tiny_config(storage, model_dir: Path, name: str = RUN, **changes) -> RunConfig:
@@ -103,6 +104,17 @@ def subflow_run(client, parent_id: str, name: str):
     runs = [run for run in runs if run.parent_task_run_id is not None]
     assert runs, f"no subflow run {name}"
     return max(runs, key=lambda run: run.created)
+
+
+def wait_for_log(client, flow_run_id: str, text: str, timeout_s: float = 60) -> bool:
+    """Whether `text` reaches the flow run's logs within `timeout_s`: the flow run process ships its
+    logs in the background, and the last of them may land after the run's final state."""
+    deadline = time.monotonic() + timeout_s
+    while text not in logs(client, flow_run_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def logs(client, flow_run_id: str) -> str:
@@ -223,7 +235,7 @@ def test_nightly_continues_the_run_from_the_last_checkpoint_and_rides_out_an_s3_
     # The run is finished (max_iterations 3): the next night ends at once and says so.
     third = wait_final(ops.client, trigger(ops.server, NIGHTLY, {}))
     assert third.state.is_completed()
-    assert "finished: iterations 1-3 of max_iterations 3 are complete; nothing to do" in logs(ops.client, str(third.id))
+    assert wait_for_log(ops.client, str(third.id), "finished: iterations 1-3 of max_iterations 3 are complete; nothing to do")
     assert len(read_history(ops.store, RUN)) == 3
 
 
@@ -247,9 +259,11 @@ def test_the_ui_shows_the_iteration_stages_and_artifacts_in_a_real_browser(ops, 
         driver.get(f"{ops.server.url}/runs/flow-run/{ops.runs['iteration']}")
         body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
         # The page's tabs are links of the single-page app (a `?tab=` in the address is not honoured).
+        # Generate and judge run in the generation subflow: the iteration shows it as a subflow run.
+        own_stages = [stage for stage in STAGES if stage not in GENERATION_STAGES]
         for tab, shown, screenshot in (
-            ("Task Runs", [f"{stage}-iter-1" for stage in STAGES], flow_run_png),
-            ("Artifacts", [f"{RUN}-iter-1-{stage}-summary" for stage in ("generate", "judge", "train")], artifacts_png),
+            ("Task Runs", [f"{stage}-iter-1" for stage in own_stages], flow_run_png),
+            ("Artifacts", [f"{RUN}-iter-1-{stage}-summary" for stage in ("sample-prompts", "actor-pairs", "train")], artifacts_png),
         ):
             tab_xpath = f"//*[normalize-space(.)='{tab}']"
             WebDriverWait(driver, 120, poll_frequency=1).until(lambda d: d.find_elements("xpath", tab_xpath))
