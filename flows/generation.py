@@ -22,6 +22,7 @@ from metareward.checkpoints import ModelRef
 from metareward.config import IterationConfig, RunConfig
 from metareward.execution import (
     ExecutionError,
+    check_auto_finds_a_cluster,
     check_ray_execution,
     engine_slots,
     local_workers_still_running,
@@ -43,15 +44,16 @@ class GenerationOutcome(BaseModel):
 
 def check_execution(config: RunConfig) -> None:
     """Refuse at once a Ray setup that cannot work (the `metareward[ray]` extra missing; for a
-    cluster: no expected GPU count, a local storage root, the temporary Prefect API), with a message
-    that says what to change. A no-op unless the stages (`execution.backend: ray`) or DPO
-    (`training.launcher: ray_train`) run on Ray."""
+    cluster: no expected GPU count, a local storage root, the temporary Prefect API; `auto` with
+    no cluster to find), with a message that says what to change. A no-op unless the stages
+    (`execution.backend: ray`) or DPO (`training.launcher: ray_train`) run on Ray."""
     if config.execution.backend != "ray" and config.training.launcher != "ray_train":
         return
     from prefect.settings import PREFECT_API_URL
 
     store = Store(config.storage)
     check_ray_execution(config.execution.ray, config.storage.root, store.protocol, PREFECT_API_URL.value())
+    check_auto_finds_a_cluster(config.execution.ray)
 
 
 def _log_ray_plan(settings: IterationConfig, prompts: StageResult) -> None:

@@ -139,15 +139,19 @@ def publish_seed_model(model: ModelRef, storage: StorageConfig, run: str) -> Mod
     return publish_checkpoint(model, store.join(store.run_uri(run), "seed"), fs=store.fs)
 
 
-def _newest_checkpoint(config: RunConfig, done: list[IterationRecord]) -> ModelRef:
-    """The checkpoint the run continues from: the last trained iteration's, else M0."""
-    trained = [record for record in done if record.trained]
-    if trained:
-        return trained[-1].model
+def run_seed_model(config: RunConfig) -> ModelRef:
+    """M0 of the run, where its stages can read it: published to object storage when they run on
+    a Ray cluster and the model is a local folder."""
     seed = resolve_seed_model(config.model, config.storage)
     if config.execution.backend == "ray" and config.execution.ray.is_cluster:
         seed = publish_seed_model(seed, config.storage, config.name)
     return seed
+
+
+def _newest_checkpoint(config: RunConfig, done: list[IterationRecord]) -> ModelRef:
+    """The checkpoint the run continues from: the last trained iteration's, else M0."""
+    trained = [record for record in done if record.trained]
+    return trained[-1].model if trained else run_seed_model(config)
 
 
 @task(name="prune-checkpoints", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)

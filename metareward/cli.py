@@ -42,8 +42,11 @@ console = Console() if sys.stdout.isatty() else Console(width=160)
 # Prefect reads its settings from the environment when it is imported, so these defaults are set
 # first (a value the user set wins). The temporary server needs more than the default 20 s to
 # start on a busy 2-core machine, the stage modules' own log lines belong in the run logs, and
-# a machine without internet should not try to send Prefect's anonymous telemetry.
+# a machine without internet should not try to send Prefect's anonymous telemetry. `iterate
+# --iteration 1` resolves M0 with the run flow's tasks outside any flow: their log lines stay in
+# the terminal instead of a warning that the API takes only flow runs' logs.
 _PREFECT_DEFAULTS = {
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "metareward",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -63,6 +66,19 @@ def _prepare_prefect() -> None:
             "No PREFECT_API_URL set: Prefect starts a temporary local API for this command (15-30 s). "
             "Its records stay in the local Prefect database: `prefect server start` shows them in the UI afterwards."
         )
+
+
+def _check_execution(config) -> None:
+    """A Ray set-up that cannot work, refused before Prefect starts anything (a temporary API
+    included): the same check the flows make first, reported as a config error."""
+    from flows.generation import check_execution
+    from metareward.execution import ExecutionError
+
+    try:
+        check_execution(config)
+    except ExecutionError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
 
 
 def _load(config_path: Path):
@@ -132,6 +148,7 @@ def run(
     """Run the iterations of CONFIG, resuming after the last complete iteration in storage, up to max_iterations."""
     config = _load(config_path)
     _prepare_prefect()
+    _check_execution(config)
     _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=None))
 
 
@@ -147,18 +164,18 @@ def iterate(
     """Run exactly one more iteration of CONFIG (within max_iterations), or iteration I again with --iteration I."""
     config = _load(config_path)
     _prepare_prefect()
+    _check_execution(config)
     if iteration is None:
         _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=1))
         return
 
     from flows.iteration import iteration_flow
-    from flows.run import completed_prefix, read_history
-    from metareward.checkpoints import resolve_model
+    from flows.run import completed_prefix, read_history, run_seed_model
     from metareward.storage import Store
 
     store = Store(config.storage)
     if iteration == 1:
-        base = resolve_model(config.model, fs=store.fs if store.protocol == "s3" and config.model.startswith("s3://") else None)
+        base = run_seed_model(config)
     else:
         done = completed_prefix(read_history(store, config.name))
         if len(done) < iteration - 1 or not done[iteration - 2].trained:

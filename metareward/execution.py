@@ -175,6 +175,21 @@ def explain_connection_error(ray: RayExecutionConfig, error: Exception) -> Execu
     return ExecutionError(f"cannot connect to the Ray cluster at {ray.address!r}: {error}")
 
 
+def check_auto_finds_a_cluster(ray: RayExecutionConfig) -> None:
+    """For `address: auto`: refuse at once when Ray's own discovery (RAY_ADDRESS, the address `ray
+    start` recorded on this node, a running GCS process) finds no cluster from here, the way
+    `ray.init(address="auto")` would fail once the stages start. Reads; connects to nothing."""
+    if ray.address != AUTO:
+        return
+    # What ray.init resolves "auto" with (private, hence the pinned ray minor version).
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        canonicalize_bootstrap_address_or_die(AUTO)
+    except ConnectionError as error:
+        raise explain_connection_error(ray, error) from None
+
+
 def check_cluster_gpus(ray: RayExecutionConfig, cluster_gpus: float) -> None:
     """Raise when a connected cluster has fewer GPUs than `expected_gpus`."""
     if ray.expected_gpus and cluster_gpus < ray.expected_gpus:

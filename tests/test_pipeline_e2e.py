@@ -205,6 +205,19 @@ def test_rerunning_the_iteration_is_cached_at_every_stage_and_loads_no_engine(ma
     assert seconds < main_run.seconds / 4
 
 
+def test_iterate_runs_iteration_one_again_from_the_seed_model_and_the_cache(main_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from metareward.cli import app
+
+    config_file = tmp_path / "main.yaml"
+    config_file.write_text(yaml.safe_dump(main_run.config.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["iterate", str(config_file), "--iteration", "1"])
+    assert result.exit_code == 0, result.output
+    states = ", ".join(f"{stage} Cached" for stage in ALL_STAGES)
+    assert f"Iteration 1: {states}" in " ".join(result.output.split()), result.output
+
+
 def test_changing_rho_recomputes_pair_selection_and_what_follows_only(main_run):
     from flows.iteration import iteration_flow
 

@@ -1,14 +1,19 @@
 """`execution.backend: ray` end to end: a real two-node Ray cluster on loopback (tests/fixtures/
 ray_cluster.py: head + worker node, one logical GPU each, token auth), a real Prefect server, the
-run's data on a real S3 server (`rclone serve s3`), the embedded model, `metareward run` as a user
-runs it (a child process, `address: auto`).
+data on a real S3 server (`rclone serve s3`), the embedded model.
 
-One tiny iteration (8 prompts in shards of one, K=2, N=2, 12 tokens per text, 1 DPO step) runs
-three times: on the local backend, on the cluster, and on the cluster with the worker node killed
-(SIGKILL of its whole process group) once the judge stage has committed a shard. The generation
-tables must be identical in all three; each worker process loads the engine once; no worker is
-left after the subflow; the killed run completes with every shard exactly once. Set-ups that
-cannot work on several machines fail at once with a message that says what to change.
+One tiny iteration (8 prompts in shards of one, K=1, N=2, 8 tokens per text) runs its generation
+stages (tests/fixtures/generation_driver.py: prompts, then the production generation subflow) twice,
+each in a child process as a user's driver: on the local backend, and on the cluster with
+`address: auto`, where the worker node is killed (SIGKILL of its whole process group) once the
+judge stage has committed a shard and a new one is started. The tables must be identical, every
+shard there exactly once; each worker process loads the engine once; no worker is left after the
+subflow. Set-ups that cannot work on several machines fail at once with a message that says what
+to change.
+
+CI time: the local run uses one core (`OMP_NUM_THREADS=1`, the thread count Ray gives a worker of
+one CPU, so both compute the same sums); it starts with the module and runs beside the other tests
+on the second core. `metareward run` itself (DPO included) is what the refusal tests start.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,37 +37,62 @@ from metareward.storage import Store, read_artifact
 pytestmark = [pytest.mark.ray, pytest.mark.model, pytest.mark.e2e]
 
 RUN = "ray-e2e"
-PROMPTS, K, N = 8, 2, 2
+PROMPTS, K, N = 8, 1, 2
+REPOSITORY = Path(__file__).resolve().parents[1]
 METAREWARD = str(Path(sys.executable).with_name("metareward"))
+DRIVER = [sys.executable, "-m", "tests.fixtures.generation_driver"]
 RUN_TIMEOUT_S = 600
 TABLES = {"responses": [RESPONSE_ID], "judgments": [JUDGMENT_ID], "meta_judgments": [JUDGMENT_A_ID, JUDGMENT_B_ID]}
+STAGES = ("generate", "judge", "meta_judge")
 CLUSTER = {"backend": "ray", "ray": {"address": "auto", "expected_gpus": 2, "gpus_per_engine": 1, "cpus_per_engine": 1}}
 
 
-def _config(tmp_path: Path, storage, model_dir: Path, execution: dict, name: str = RUN) -> Path:
+@dataclass
+class Driver:
+    """A generation driver (tests/fixtures/generation_driver.py) working on `config`; its output
+    goes to CONFIG.log, its stage summaries to CONFIG.json."""
+
+    config: Path
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, config: Path, env: dict[str, str]) -> "Driver":
+        command = [*DRIVER, str(config), str(config.with_suffix(".json"))]
+        with open(config.with_suffix(".log"), "w") as log:
+            return cls(config, subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def summaries(self, timeout_s: float = RUN_TIMEOUT_S) -> dict[str, dict]:
+        """The stage summaries, once the driver has exited 0 (else its log's tail in the failure)."""
+        self.process.wait(timeout=timeout_s)
+        assert self.process.returncode == 0, self.config.with_suffix(".log").read_text(errors="replace")[-8000:]
+        return json.loads(self.config.with_suffix(".json").read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _config(tmp_path: Path, storage, model_dir: Path, execution: dict) -> Path:
     data = {
-        "name": name,
+        "name": RUN,
         "seed": 0,
         "max_iterations": 1,
         "model": str(model_dir),
         "storage": storage.model_dump(mode="json"),
         "engine": {"backend": "hf", "device": "cpu", "dtype": "float32", "batch_size": 16},
         "prompts": {"source": "embedded", "per_iteration": PROMPTS},
-        "actor": {"k": K, "max_tokens": 12},
-        "judge": {"n": N, "max_tokens": 12},
-        "meta_judge": {"max_tokens": 12},
+        "actor": {"k": K, "max_tokens": 8},
+        "judge": {"n": N, "max_tokens": 8},
+        "meta_judge": {"max_tokens": 8},
         "verdict_mode": "forced",
         "training": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 512},
         "shard_size": 1,
         "execution": execution,
     }
-    path = tmp_path / f"{name}-{execution.get('backend', 'local')}-{time.monotonic_ns()}.yaml"
+    path = tmp_path / f"{RUN}-{execution.get('backend', 'local')}-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _run(config: Path, env: dict[str, str], timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([METAREWARD, "run", str(config)], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def _tables(store: Store) -> dict[str, pd.DataFrame]:
@@ -70,102 +102,35 @@ def _tables(store: Store) -> dict[str, pd.DataFrame]:
     }
 
 
-def _stage_summaries(store: Store) -> dict[str, dict]:
-    summary = read_artifact(store, store.stage_uri(RUN, 1, "summary"))
-    return {row.stage: json.loads(row.summary) for row in summary.itertuples()}
-
-
 @pytest.fixture(scope="module")
 def driver_env(prefect_server, rclone_s3, ray_cluster):
     """A driver on the cluster: the Prefect server, the S3 credentials, the cluster's token."""
     return ray_cluster.driver_env(prefect_server.env(**rclone_s3.env()))
 
 
-@pytest.fixture(scope="module")
-def local_run(prefect_server, rclone_s3, seed_dir, tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def local_run(prefect_server, rclone_s3, seed_dir, tmp_path_factory) -> Iterator[tuple[Store, Driver]]:
+    """The local backend's run, started with the module: it works on one core while the cluster
+    starts and the refusal tests run on the other."""
     storage = rclone_s3.storage_config(prefix="ray-local")
     # Ray gives each worker OMP_NUM_THREADS = its CPUs (1): the same thread count here gives the
     # same floating-point sums, hence the same sampled tokens.
     env = prefect_server.env(**rclone_s3.env(), OMP_NUM_THREADS="1")
-    started = time.perf_counter()
-    result = _run(_config(tmp_path_factory.mktemp("local"), storage, seed_dir, {"backend": "local"}), env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return Store(storage), time.perf_counter() - started
-
-
-@pytest.fixture(scope="module")
-def ray_run(driver_env, rclone_s3, seed_dir, tmp_path_factory):
-    storage = rclone_s3.storage_config(prefix="ray-cluster")
-    started = time.perf_counter()
-    result = _run(_config(tmp_path_factory.mktemp("ray"), storage, seed_dir, CLUSTER), driver_env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return Store(storage), time.perf_counter() - started
-
-
-def test_cluster_run_gives_the_local_tables_with_one_engine_load_per_worker(local_run, ray_run):
-    local_store, ray_store = local_run[0], ray_run[0]
-    local_tables, ray_tables = _tables(local_store), _tables(ray_store)
-    for name in TABLES:
-        assert len(ray_tables[name]) > 0, name
-        pd.testing.assert_frame_equal(ray_tables[name], local_tables[name], obj=name)
-
-    summaries = _stage_summaries(ray_store)
-    loads: dict[str, int] = {}
-    shards: dict[str, int] = {}
-    for stage in ("generate", "judge", "meta_judge"):
-        assert summaries[stage]["shards"] == PROMPTS and summaries[stage]["shards_computed"] == PROMPTS, stage
-        for worker, counts in summaries[stage]["execution"]["workers"].items():
-            loads[worker] = loads.get(worker, 0) + counts["engine_loads"]
-            shards[worker] = shards.get(worker, 0) + counts["shards"]
-    # one worker per logical GPU, each loading the model once for all 24 shards of three stages
-    assert len(loads) == 2 and set(loads.values()) == {1}, loads
-    assert sum(shards.values()) == 3 * PROMPTS
-    # the subflow's workers are gone (the flow also checked it before training started)
-    assert not [worker for worker in loads if psutil.pid_exists(int(worker.rsplit(":", 1)[1]))]
-    # the local backend ran every shard in its own process, which loaded the model once
-    local_workers = _stage_summaries(local_store)["generate"]["execution"]["workers"]
-    assert len(local_workers) == 1
-
-
-def test_killing_the_worker_node_mid_stage_loses_no_shard(ray_run, ray_cluster, driver_env, rclone_s3, seed_dir, tmp_path):
-    storage = rclone_s3.storage_config(prefix="ray-killed")
-    store = Store(storage)
-    shards_folder = store.join(store.stage_uri(RUN, 1, "judgments"), "shards")
-    process = subprocess.Popen(
-        [METAREWARD, "run", str(_config(tmp_path, storage, seed_dir, CLUSTER))],
-        env=driver_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = Driver.start(_config(tmp_path_factory.mktemp("local"), storage, seed_dir, {"backend": "local"}), env)
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (store.exists(shards_folder) and any("shard-" in path for path in store.ls(shards_folder))):
-            assert process.poll() is None, process.stdout.read()[-5000:]
-            assert time.monotonic() < deadline, "the judge stage never committed a shard"
-            time.sleep(0.2)
-        ray_cluster.kill_worker()
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-        assert process.returncode == 0, output[-6000:]
+        yield Store(storage), driver
     finally:
-        if process.poll() is None:
-            process.kill()
-        if "worker" not in ray_cluster.nodes:
-            ray_cluster.start_worker()
-
-    # every shard exactly once (finalize refuses a key twice), and the texts of the uninterrupted run
-    killed, uninterrupted = _tables(store), _tables(ray_run[0])
-    for name in TABLES:
-        pd.testing.assert_frame_equal(killed[name], uninterrupted[name], obj=name)
-    assert (killed["judgments"].groupby(RESPONSE_ID).size() == N).all()
+        driver.stop()
 
 
 def test_nodes_listen_on_loopback_only_and_refuse_a_driver_without_the_token(ray_cluster):
     assert ray_cluster.listening_addresses() <= {"127.0.0.1", "::ffff:127.0.0.1"}, ray_cluster.listening_addresses()
     probe = "import ray\nray.init(address='auto')\n"
-    intruder = dict(ray_cluster.driver_env(), RAY_AUTH_TOKEN="0" * 32)
+    # two connection attempts, not Ray's default twenty (one a second)
+    intruder = dict(ray_cluster.driver_env(), RAY_AUTH_TOKEN="0" * 32, RAY_gcs_server_port_wait_time_s="2")
     result = subprocess.run([sys.executable, "-c", probe], env=intruder, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
+    assert "InvalidAuthToken" in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -187,7 +152,8 @@ def test_a_multi_node_setup_that_cannot_work_fails_at_once(case, expected, drive
     else:
         del execution["ray"]["expected_gpus"]
     started = time.perf_counter()
-    result = _run(_config(tmp_path, storage, seed_dir, execution), env, timeout_s=180)
+    command = [METAREWARD, "run", str(_config(tmp_path, storage, seed_dir, execution))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
     store = Store(storage)
@@ -204,5 +170,54 @@ def test_auto_without_a_running_cluster_is_refused_instead_of_starting_one(drive
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "no running Ray cluster was found" in result.stdout + result.stderr, result.stderr[-4000:]
-    # the driver started no Ray of its own (ray.init says so when it does)
+    # the driver started no Ray of its own (ray.init says so when it does), and no stage
     assert "Started a local Ray instance" not in result.stdout + result.stderr
+    store = Store(storage)
+    assert not store.exists(store.stage_uri(RUN, 1, "prompts"))
+
+
+def test_cluster_run_with_its_worker_node_killed_gives_the_local_tables(local_run, ray_cluster, driver_env, rclone_s3, seed_dir, tmp_path):
+    storage = rclone_s3.storage_config(prefix="ray-cluster")
+    store = Store(storage)
+    judge_shards = store.join(store.stage_uri(RUN, 1, "judgments"), "shards")
+    driver = Driver.start(_config(tmp_path, storage, seed_dir, CLUSTER), driver_env)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (store.exists(judge_shards) and any("shard-" in path for path in store.ls(judge_shards))):
+            assert driver.process.poll() is None, "the driver exited before the judge stage committed a shard"
+            assert time.monotonic() < deadline, "the judge stage never committed a shard"
+            time.sleep(0.2)
+        killed = ray_cluster.kill_worker()
+        ray_cluster.start_worker()  # a node joins while the stage goes on, as a replaced machine does
+        cluster = driver.summaries()
+    finally:
+        driver.stop()
+        if "worker" not in ray_cluster.nodes:
+            ray_cluster.start_worker()
+    local_store, local_driver = local_run
+    local = local_driver.summaries()
+
+    # the same tables as the local backend: every shard exactly once (finalize refuses a key twice)
+    local_tables, cluster_tables = _tables(local_store), _tables(store)
+    for name in TABLES:
+        assert len(cluster_tables[name]) > 0, name
+        pd.testing.assert_frame_equal(cluster_tables[name], local_tables[name], obj=name)
+    assert (cluster_tables["judgments"].groupby(RESPONSE_ID).size() == N).all()
+
+    loads: dict[str, int] = {}
+    shards: dict[str, int] = {}
+    for stage in STAGES:
+        assert cluster[stage]["shards"] == PROMPTS and cluster[stage]["shards_computed"] == PROMPTS, stage
+        for worker, counts in cluster[stage]["execution"]["workers"].items():
+            loads[worker] = loads.get(worker, 0) + counts["engine_loads"]
+            shards[worker] = shards.get(worker, 0) + counts["shards"]
+    pids = {int(worker.rsplit(":", 1)[1]) for worker in loads}
+    # each worker process loaded the model once for all its shards of the three stages: the head
+    # node's worker, the killed node's, and the new node's when it got shards
+    assert set(loads.values()) == {1} and len(loads) >= 2, loads
+    assert pids & killed, (pids, killed)
+    assert sum(shards.values()) == len(STAGES) * PROMPTS
+    # the subflow's workers are gone (the driver also checked it before it exited)
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    # the local backend ran every shard in the driver's own process, which loaded the model once
+    assert len(local["generate"]["execution"]["workers"]) == 1

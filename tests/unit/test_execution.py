@@ -8,6 +8,7 @@ from metareward.config import ConfigError, parse_config
 from metareward.execution import (
     ExecutionError,
     RayExecutionConfig,
+    check_auto_finds_a_cluster,
     check_cluster_gpus,
     check_ray_execution,
     engine_slots,
@@ -56,6 +57,22 @@ def test_a_cluster_needs_object_storage_a_prefect_server_and_a_gpu_count():
     check_ray_execution(cluster, "s3://bucket/runs", "s3", "http://prefect:4200/api")
     # one machine: its own folder and the temporary API are fine
     check_ray_execution(RayExecutionConfig(address="local"), "./runs", "file", None)
+
+
+def test_auto_takes_the_cluster_ray_finds_and_fails_without_one(monkeypatch: pytest.MonkeyPatch):
+    import ray._private.services as services
+
+    auto = RayExecutionConfig(address="auto", expected_gpus=1)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a driver on a cluster node: nothing is contacted
+    check_auto_finds_a_cluster(auto)
+    # no RAY_ADDRESS, no address recorded by `ray start`, no GCS process: what a machine without Ray has
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
+    with pytest.raises(ExecutionError, match="'auto' but no running Ray cluster was found.*HOST:PORT"):
+        check_auto_finds_a_cluster(auto)
+    check_auto_finds_a_cluster(RayExecutionConfig(address="10.0.0.5:6379", expected_gpus=1))
+    check_auto_finds_a_cluster(RayExecutionConfig(address="local"))
 
 
 def test_cluster_gpus_below_the_expected_count_are_refused():
