@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 test: test-base test-vllm
 
 test-base: install browser
-	$(VENV)/bin/python -m pytest -m "not vllm"
+	# The slowest tests and their set-up times close the log: the CI-time targets are tracked there.
+	$(VENV)/bin/python -m pytest -m "not vllm" --durations=25
 
 demo: install
 	$(VENV)/bin/metareward run configs/demo.yaml

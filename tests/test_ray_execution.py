@@ -3,17 +3,17 @@ ray_cluster.py: head + worker node, one logical GPU each, token auth), a real Pr
 data on a real S3 server (`rclone serve s3`), the embedded model.
 
 One tiny iteration (8 prompts in shards of one, K=1, N=2, 8 tokens per text) runs its generation
-stages (tests/fixtures/generation_driver.py: prompts, then the production generation subflow) twice,
-each in a child process as a user's driver: on the local backend, and on the cluster with
-`address: auto`, where the worker node is killed (SIGKILL of its whole process group) once the
-judge stage has committed a shard and a new one is started. The tables must be identical, every
-shard there exactly once; each worker process loads the engine once; no worker is left after the
-subflow. Set-ups that cannot work on several machines fail at once with a message that says what
-to change.
+stages (tests/fixtures/generation_driver.py: prompts, then the production generation subflow)
+twice, each in a child process as a user's driver: on the local backend, and on the cluster with
+`address: auto`, where the worker node is killed (SIGKILL of its whole process group) while it
+computes a judge shard, after that stage has committed one, and a new node is started. The tables
+must be identical, every shard there exactly once; each worker process loads the engine once; no
+worker is left after the subflow. Set-ups that cannot work on several machines make `metareward
+run` fail at once with a message that says what to change.
 
-CI time: the local run uses one core (`OMP_NUM_THREADS=1`, the thread count Ray gives a worker of
-one CPU, so both compute the same sums); it starts with the module and runs beside the other tests
-on the second core. `metareward run` itself (DPO included) is what the refusal tests start.
+CI time: the local run computes with one thread (`OMP_NUM_THREADS=1`, what Ray gives a worker of
+one CPU, so both compute the same sums); it starts with the module and works on one core while
+the cluster starts and the refusal tests run. DPO and the report are the other tests' business.
 """
 
 from __future__ import annotations
@@ -183,11 +183,16 @@ def test_cluster_run_with_its_worker_node_killed_gives_the_local_tables(local_ru
     driver = Driver.start(_config(tmp_path, storage, seed_dir, CLUSTER), driver_env)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (store.exists(judge_shards) and any("shard-" in path for path in store.ls(judge_shards))):
+        # mid-stage: a judge shard committed, and the worker node computing one
+        while not (
+            store.exists(judge_shards)
+            and any("shard-" in path for path in store.ls(judge_shards))
+            and ray_cluster.running("worker", "shard")
+        ):
             assert driver.process.poll() is None, "the driver exited before the judge stage committed a shard"
             assert time.monotonic() < deadline, "the judge stage never committed a shard"
             time.sleep(0.2)
-        killed = ray_cluster.kill_worker()
+        ray_cluster.kill_worker()
         ray_cluster.start_worker()  # a node joins while the stage goes on, as a replaced machine does
         cluster = driver.summaries()
     finally:
@@ -212,10 +217,9 @@ def test_cluster_run_with_its_worker_node_killed_gives_the_local_tables(local_ru
             loads[worker] = loads.get(worker, 0) + counts["engine_loads"]
             shards[worker] = shards.get(worker, 0) + counts["shards"]
     pids = {int(worker.rsplit(":", 1)[1]) for worker in loads}
-    # each worker process loaded the model once for all its shards of the three stages: the head
-    # node's worker, the killed node's, and the new node's when it got shards
+    # each worker process loaded the model once for all its shards of the three stages (the head
+    # node's worker, the killed node's, the new node's: those that committed a shard)
     assert set(loads.values()) == {1} and len(loads) >= 2, loads
-    assert pids & killed, (pids, killed)
     assert sum(shards.values()) == len(STAGES) * PROMPTS
     # the subflow's workers are gone (the driver also checked it before it exited)
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
