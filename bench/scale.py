@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -92,23 +91,6 @@ def _start_s3(base: Path) -> RcloneS3Server:
     os.environ.update(server.env())  # this process reads the runs' manifests
     server.bucket = server.new_bucket("metareward-bench")
     return server
-
-
-def _start_cluster(base: Path, s3: RcloneS3Server) -> RayCluster:
-    port = _free_port()
-    node_env = dict(os.environ, **s3.env())
-    node_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    node_env.pop("RAY_ADDRESS", None)
-    cluster = RayCluster(address=f"127.0.0.1:{port}", token=node_env["RAY_AUTH_TOKEN"], temp_dir=base, node_env=node_env)
-    # a short session folder: Ray's socket paths have a length limit
-    cluster._start("head", ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", f"/tmp/mr-ray-{port}"])
-    try:
-        cluster._wait_for_nodes(1)
-        cluster.start_worker()
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 def _config(folder: Path, args, storage, model: str, execution: dict) -> Path:
@@ -185,7 +167,7 @@ def main() -> None:
         try:
             prefect, prefect_process = _start_prefect_server(base / "prefect")
             try:
-                cluster = _start_cluster(base / "ray", s3)
+                cluster = RayCluster.launch(base / "ray", s3.env())
                 try:
                     env = prefect.env(**s3.env())
                     for name, execution in runs.items():
@@ -194,8 +176,7 @@ def main() -> None:
                         walls[name] = _run(_config(base, args, storage, model, execution), run_env)
                         results[name] = _measure(storage, "scale-bench")
                 finally:
-                    cluster.stop()
-                    subprocess.run(["rm", "-rf", f"/tmp/mr-ray-{cluster.address.rsplit(':', 1)[1]}"], check=False)
+                    cluster.shutdown()
             finally:
                 _stop_group(prefect_process)
         finally:
