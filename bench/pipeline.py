@@ -58,7 +58,8 @@ def main() -> None:
 
     from flows.iteration import iteration_flow
     from metareward.checkpoints import resolve_model
-    from metareward.config import STAGE_SETTINGS, load_config
+    from metareward.config import load_config
+    from metareward.contract import STAGES
     from metareward.engines import release_engines
     from metareward.storage import StorageConfig, Store, read_manifest
 
@@ -92,7 +93,7 @@ def main() -> None:
     overhead = first_wall - engine_seconds - train_seconds
     print(f"config {args.config}: iteration 1 of run {config.name!r} on {os.cpu_count()} cores")
     print(f"first run: {first_wall:.1f} s wall")
-    for stage in sorted(stage_seconds, key=lambda name: list(STAGE_SETTINGS).index(name)):
+    for stage in sorted(stage_seconds, key=lambda name: list(STAGES).index(name)):
         seconds = stage_seconds[stage]
         print(f"  {stage:<15} {seconds:8.1f} s  {100 * seconds / first_wall:5.1f}%")
     print(f"  model time: engine (shard work) {engine_seconds:.1f} s + train stage {train_seconds:.1f} s")

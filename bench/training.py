@@ -104,6 +104,7 @@ def full_pairs_table(pairs):
 def run_stage(pairs_path: Path, work: Path) -> dict:
     from metareward.checkpoints import seed_model
     from metareward.config import RunConfig
+    from metareward.contract import TrainSettings
     from metareward.stages import train
     from metareward.storage import ArtifactInfo, StorageConfig, Store, write_artifact
     import pandas as pd
@@ -119,15 +120,15 @@ def run_stage(pairs_path: Path, work: Path) -> dict:
         write_artifact(store, uris[kind], pairs[pairs["kind"] == kind].reset_index(drop=True), info)
     seed = seed_model()
     started = time.perf_counter()
-    result = train(store, config, seed, uris["actor"], uris["judge"])
+    result = train(store, config.run, TrainSettings.of(config), seed, uris["actor"], uris["judge"])
     seconds = time.perf_counter() - started
     summary = result.summary
     return {
         "seconds": seconds,
-        "train_seconds": summary["train_seconds"],
-        "pairs": summary["pairs_used"],
-        "steps": summary["steps"],
-        "final_loss": summary["final_loss"],
+        "train_seconds": summary.train_seconds,
+        "pairs": summary.pairs_used,
+        "steps": summary.steps,
+        "final_loss": summary.final_loss,
     }
 
 

@@ -23,14 +23,18 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import gpu_slot_names, hold_slots
+from flows.lease import flow_run_lease
 from metareward import evaluation
 from metareward.checkpoints import ModelRef, resolve_model
 from metareward.config import RunConfig
+from metareward.lease import RunLeaseHeld
 from metareward.storage import Store
 from tasks.reporting import artifact_key
+from tasks.inputs import check_inputs_task
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retry_condition_fn": retry_on_transient_fault, **RETRY_OPTIONS}
@@ -70,7 +74,7 @@ def resolve_models(
     config: RunConfig, iteration: int | None, model: ModelRef | str | None, baseline: ModelRef | str | None
 ) -> EvaluationModels:
     """Iteration i, X (M_i unless `model`), Y (M_{i-1} unless `baseline`) and the judge from storage and the config."""
-    from flows.run import read_history  # flows.run imports the iteration flow, which imports this module
+    from metareward.runs import read_history
 
     store = Store(config.storage)
     history = read_history(store, config.name)
@@ -141,7 +145,23 @@ def evaluate_flow(
 ) -> EvaluationOutcome:
     """Evaluate iteration `iteration` of the run `config` (None: its newest trained iteration): win rate
     and length-controlled win rate of `model` (default M_i) against `baseline` (default M_{i-1}) on
-    the held-out prompts, and both models' judge accuracy on the preference set."""
+    the held-out prompts, and both models' judge accuracy on the preference set.
+
+    It writes into the run's folder, so it holds the run's writer lease (`metareward.lease`; as a
+    subflow of the run flow, the run's): another writer of the run makes it end Failed with
+    `RunLeaseHeld` before a model loads."""
+    check_inputs_task(config, evaluation=True)  # a bad file fails before a model loads
+    try:
+        with flow_run_lease(config.storage, config.name):
+            return _evaluate(config, iteration, model, baseline, refresh)
+    except RunLeaseHeld as error:
+        return Failed(message=str(error), data=error)  # one line in the log and the UI, not a traceback
+
+
+def _evaluate(
+    config: RunConfig, iteration: int | None, model: ModelRef | str | None, baseline: ModelRef | str | None, refresh: bool
+) -> EvaluationOutcome:
+    """The body of `evaluate_flow`, run while it holds the run's lease."""
     models = resolve_models(config, iteration, model, baseline)
     engines = evaluation.EngineSlot(Store(config.storage))
     # Like an iteration's GPU stages, the evaluation holds every GPU it sees while it loads models.

@@ -26,20 +26,29 @@ from metareward.execution import (
     check_ray_execution,
     engine_slots,
     local_workers_still_running,
+    missing_extra,
     shard_size_advice,
 )
-from metareward.stages import StageResult
+from metareward.stages import GenerateResult, JudgeResult, MetaJudgeResult, SamplePromptsResult, StageResult
 from metareward.storage import Store
-from tasks.stages import StageCalls
+from tasks.stages import StageRuns, generate, judge, meta_judge
 
 
 class GenerationOutcome(BaseModel):
-    """The generation stages' results and final Prefect state names, by stage name, in run order."""
+    """The generation stages' results (`meta_judgments` None in an iteration that trains no judge
+    pairs) and their final Prefect state names by stage name, in run order."""
 
     model_config = ConfigDict(extra="forbid")
 
-    stages: dict[str, StageResult] = Field(default_factory=dict)
+    responses: GenerateResult
+    judgments: JudgeResult
+    meta_judgments: MetaJudgeResult | None = None
     states: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def results(self) -> dict[str, StageResult]:
+        computed = (self.responses, self.judgments, self.meta_judgments)
+        return {result.stage: result for result in computed if result is not None}
 
 
 def check_execution(config: RunConfig) -> None:
@@ -51,12 +60,16 @@ def check_execution(config: RunConfig) -> None:
         return
     from prefect.settings import PREFECT_API_URL
 
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError as error:
+        raise missing_extra("execution.backend is 'ray'", error) from None
     store = Store(config.storage)
     check_ray_execution(config.execution.ray, config.storage.root, store.protocol, PREFECT_API_URL.value())
     check_auto_finds_a_cluster(config.execution.ray)
 
 
-def _log_ray_plan(settings: IterationConfig, prompts: StageResult) -> None:
+def _log_ray_plan(settings: IterationConfig, prompts: SamplePromptsResult) -> None:
     """The cluster the subflow is connected to, and a warning when the shards are too few for it."""
     import ray
 
@@ -67,28 +80,29 @@ def _log_ray_plan(settings: IterationConfig, prompts: StageResult) -> None:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     logger = get_run_logger()
     logger.info("Ray cluster: %d node(s), %g GPU(s), %g CPU(s): %d engine(s) at a time", nodes, gpus, cpus, engines)
-    advice = shard_size_advice(ray_settings, int(prompts.summary.get("prompts", 0)), settings.shard_size, engines)
+    advice = shard_size_advice(ray_settings, prompts.summary.prompts, settings.shard_size, engines)
     if advice:
         logger.warning(advice)
 
 
 @flow(name="metareward-generation", flow_run_name="{config.name}-iter-{iteration}-generation")
 def generation_flow(
-    config: RunConfig, iteration: int, model: ModelRef, prompts: StageResult, refresh: bool = False
+    config: RunConfig, iteration: int, model: ModelRef, prompts: SamplePromptsResult, refresh: bool = False
 ) -> GenerationOutcome:
     """Actor, judge and (in iterations that train judge pairs) meta-judge for iteration `iteration`
     of run `config`, from checkpoint `model` (M_{i-1}) and the iteration's sampled `prompts`."""
     settings = config.for_iteration(iteration)
     storage = config.storage
-    stage = StageCalls(storage, settings.run, refresh)
+    runs = StageRuns(storage, settings.run, refresh)
     if settings.execution.backend == "ray":
         _log_ray_plan(settings, prompts)
 
-    responses = stage("generate", storage, settings, model, prompts)
-    judgments = stage("judge", storage, settings, model, prompts, responses)
+    responses = runs(generate, storage, settings, model, prompts)
+    judgments = runs(judge, storage, settings, model, prompts, responses)
+    meta_judgments = None
     if settings.pairs.train_judge_pairs:
-        stage("meta_judge", storage, settings, model, prompts, responses, judgments)
-    return GenerationOutcome(stages=stage.results, states=stage.states)
+        meta_judgments = runs(meta_judge, storage, settings, model, prompts, responses, judgments)
+    return GenerationOutcome(responses=responses, judgments=judgments, meta_judgments=meta_judgments, states=runs.states)
 
 
 # How long the Ray workers of a finished generation subflow get to exit before training refuses to start.
@@ -100,8 +114,8 @@ def ensure_workers_gone(config: RunConfig, outcome: GenerationOutcome) -> None:
     (their engines hold GPU memory DPO needs) and fail the iteration if one has not."""
     if config.execution.backend != "ray":
         return
-    computed = [result for stage, result in outcome.stages.items() if outcome.states.get(stage) != "Cached"]
-    workers = sorted({worker for result in computed for worker in result.summary.get("execution", {}).get("workers", {})})
+    computed = [result for stage, result in outcome.results.items() if outcome.states.get(stage) != "Cached"]
+    workers = sorted({worker for result in computed for worker in result.summary.execution.workers})
     alive = local_workers_still_running(workers, WORKER_EXIT_TIMEOUT_S)
     if alive:
         raise ExecutionError(

@@ -10,7 +10,7 @@ and shown in the UI; it is not a stage (not cached, not in the outcome's `states
 
 Meta-judging and judge pairs run only in an iteration that trains judge pairs
 (`pairs.train_judge_pairs`, per-iteration override). Every task is cached by checkpoint hash
-(`metareward.caching`), with its cache record in the run's own store, so running a finished
+(`tasks.cache`, keyed by the fingerprint of `metareward.contract`), with its cache record in the run's own store, so running a finished
 iteration again loads no model and every stage ends `Cached`; `refresh=True` runs every stage
 again, sharded stages included (their shards in storage are discarded), and overwrites its
 record. Training releases the serving engines before DPO (in `metareward.stages.train`). On a GPU
@@ -29,20 +29,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import gpu_slot_names, hold_slots
 from flows.evaluate import evaluate_flow
+from flows.generation import check_execution, ensure_workers_gone, generation_subflow
 from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
 from metareward.stages import StageResult
+from metareward.summaries import IterationSummary
 from tasks.report import report
-from flows.generation import check_execution, ensure_workers_gone, generation_subflow
-from tasks.stages import StageCalls
+from tasks.stages import StageRuns, actor_pairs, judge_pairs, sample_prompts, summary, train
 
 
 class IterationOutcome(BaseModel):
     """What an iteration flow returns.
 
     iteration: i. base_model: M_{i-1}. model: M_i, or None when the iteration had no pairs to
-    train on (`message` says so). stages: each stage's result, by stage name, in run order.
-    states: each stage's final Prefect state name (`Completed`, or `Cached` when taken from the cache).
+    train on (`message` says so). summary: the iteration's typed summary (what storage holds).
+    stages: each stage's result, by stage name, in run order. states: each stage's final Prefect
+    state name (`Completed`, or `Cached` when taken from the cache).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +53,7 @@ class IterationOutcome(BaseModel):
     base_model: ModelRef
     model: ModelRef | None
     message: str | None = None
+    summary: IterationSummary
     stages: dict[str, StageResult] = Field(default_factory=dict)
     states: dict[str, str] = Field(default_factory=dict)
 
@@ -61,28 +64,26 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
     settings = config.for_iteration(iteration)
     storage = config.storage
     check_execution(config)
-    stage = StageCalls(storage, settings.run, refresh)
+    runs = StageRuns(storage, settings.run, refresh)
 
-    prompts = stage("sample_prompts", storage, settings)
+    prompts = runs(sample_prompts, storage, settings)
     # The engines stay loaded from generate to train: the GPUs are this flow's for that whole span.
     with hold_slots(gpu_slot_names(), f"iteration {iteration} GPU stages"):
         generated = generation_subflow(config)(config, iteration, model, prompts, refresh)
         ensure_workers_gone(config, generated)
-        stage.results.update(generated.stages)
-        stage.states.update(generated.states)
-        responses, judgments = generated.stages["generate"], generated.stages["judge"]
-        meta_judgments = generated.stages.get("meta_judge")
-        judge_pairs = None
-        actor_pairs = stage("actor_pairs", storage, settings, model, prompts, responses, judgments)
+        runs.record(generated.results, generated.states)
+        responses, judgments, meta_judgments = generated.responses, generated.judgments, generated.meta_judgments
+        actor = runs(actor_pairs, storage, settings, prompts, responses, judgments)
+        judge = None
         if meta_judgments is not None:
-            judge_pairs = stage("judge_pairs", storage, settings, model, prompts, responses, judgments, meta_judgments)
-        trained = stage("train", storage, settings, model, actor_pairs, judge_pairs)
-    stage("summary", storage, settings, model, list(stage.results.values()))
+            judge = runs(judge_pairs, storage, settings, prompts, responses, judgments, meta_judgments)
+        trained = runs(train, storage, settings, model, actor, judge)
+    overview = runs(summary, storage, settings, model, list(runs.results.values()))
     report(storage, settings)  # diagnostics of what the iteration wrote (metareward.report), in storage and the UI
     if config.evaluation.at_end_of_iteration and trained.model is not None:
         evaluate_flow(config, iteration, trained.model, model, refresh)
 
-    message = trained.summary.get("message") if trained.model is None else None
+    message = trained.summary.message
     logger = get_run_logger()
     if trained.model is None:
         logger.warning("iteration %d trained no model: %s", iteration, message)
@@ -93,6 +94,7 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
         base_model=model,
         model=trained.model,
         message=message,
-        stages=stage.results,
-        states=stage.states,
+        summary=overview.summary,
+        stages=runs.results,
+        states=runs.states,
     )

@@ -14,16 +14,17 @@ After each trained iteration, old checkpoints are pruned by `keep_last_checkpoin
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import hold_slots, run_slot_name
 from flows.generation import check_execution
 from flows.iteration import IterationOutcome, iteration_flow
+from flows.lease import flow_run_lease
 from metareward.checkpoints import (
     MANIFEST_NAME,
     CheckpointRetention,
@@ -33,76 +34,11 @@ from metareward.checkpoints import (
     resolve_model,
 )
 from metareward.config import RunConfig
-from metareward.stages import SUMMARY
-from metareward.storage import StorageConfig, Store, is_complete, read_artifact
+from metareward.lease import RunLeaseHeld, check_lease
+from metareward.runs import IterationRecord, base_of_iteration, check_stored_version, completed_prefix, read_history
+from metareward.storage import StorageConfig, Store
+from tasks.inputs import check_inputs_task
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
-
-
-class IterationRecord(BaseModel):
-    """What storage holds of one iteration.
-
-    complete: its summary artifact exists. trained: it produced a checkpoint (`model`).
-    pruned: that checkpoint is no longer in storage (removed by `keep_last_checkpoints`, or by hand).
-    stages: every stage's summary (counts, drops, metrics) from the summary artifact, by stage name.
-    artifacts: the names of the artifacts present and complete under `iter-{i}/`.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    iteration: int
-    complete: bool
-    trained: bool = False
-    model: ModelRef | None = None
-    pruned: bool = False
-    message: str | None = None
-    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    artifacts: list[str] = Field(default_factory=list)
-
-
-def read_history(store: Store, run: str) -> list[IterationRecord]:
-    """Every iteration folder of `run` in `store`, ascending, with what it holds."""
-    records = []
-    for iteration in store.list_iterations(run):
-        folder = store.iteration_uri(run, iteration)
-        artifacts = [
-            uri.rsplit("/", 1)[-1] for uri in store.ls(folder) if is_complete(store, uri)
-        ]
-        summary_uri = store.stage_uri(run, iteration, SUMMARY)
-        if not is_complete(store, summary_uri):
-            records.append(IterationRecord(iteration=iteration, complete=False, artifacts=artifacts))
-            continue
-        table = read_artifact(store, summary_uri)
-        stages = {str(row["stage"]): json.loads(row["summary"]) for _, row in table.iterrows()}
-        trained = stages.get("train", {})
-        model = None
-        if trained.get("trained"):
-            model = ModelRef(uri=trained["checkpoint"], sha256=trained["checkpoint_sha256"])
-        records.append(
-            IterationRecord(
-                iteration=iteration,
-                complete=True,
-                trained=model is not None,
-                model=model,
-                pruned=model is not None and not store.exists(store.join(model.uri, MANIFEST_NAME)),
-                message=trained.get("message"),
-                stages=stages,
-                artifacts=artifacts,
-            )
-        )
-    return records
-
-
-def completed_prefix(history: list[IterationRecord]) -> list[IterationRecord]:
-    """The complete iterations 1, 2, ... without a gap, up to the first that trained no model
-    (what a run resumes after)."""
-    done = []
-    for expected, record in enumerate(history, start=1):
-        if record.iteration != expected or not record.complete:
-            break
-        done.append(record)
-        if not record.trained:
-            break
-    return done
 
 
 class RunOutcome(BaseModel):
@@ -119,9 +55,13 @@ class RunOutcome(BaseModel):
 
 
 @task(name="read-history", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
-def read_history_task(storage: StorageConfig, run: str) -> list[IterationRecord]:
-    """The run's iterations found in storage (retried like a stage on transient storage faults)."""
-    return read_history(Store(storage), run)
+def read_history_task(storage: StorageConfig, run: str, check_version: bool = False) -> list[IterationRecord]:
+    """The run's iterations found in storage (retried like a stage on transient storage faults);
+    with `check_version`, first refuse a run stored by another pipeline version."""
+    store = Store(storage)
+    if check_version:
+        check_stored_version(store, run)
+    return read_history(store, run)
 
 
 @task(name="resolve-seed-model", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
@@ -171,26 +111,52 @@ def run_flow(
     refresh: bool = False,
     max_new_iterations: int | None = None,
     if_busy: Literal["wait", "skip"] = "wait",
+    start_iteration: int | None = None,
 ) -> RunOutcome:
     """Run `config` from where storage says it stands up to `max_iterations` (at most
-    `max_new_iterations` more when given); `refresh` starts from M0 and runs every stage again.
+    `max_new_iterations` more when given); `refresh` runs every stage again instead of taking its
+    cached result (from M0 unless `start_iteration` is given).
+
+    `start_iteration` I runs iteration I again (after changing one of its settings, say) and the
+    ones after it, from the checkpoint iteration I starts from (M_{I-1}); None resumes after the
+    last complete iteration. A base that was never trained or was pruned is refused before any
+    stage runs.
 
     Only one flow run works on a named run at a time (`flows.concurrency`): while another holds
-    the run, `if_busy="wait"` waits for it and `"skip"` ends at once, changing nothing."""
+    the run, `if_busy="wait"` waits for it and `"skip"` ends at once, changing nothing.
+
+    The run's writer lease (`metareward.lease`) is held for the whole body, iterations included:
+    when another process writes the run (a CLI command, another server's flow run), the flow ends
+    Failed with `RunLeaseHeld` naming it, or with `if_busy="skip"` is skipped, before any work."""
     check_execution(config)  # a Ray setup that cannot work fails before the seed model is even converted
+    check_inputs_task(config)  # runs started from the UI or a deployment never passed the CLI's check
     with hold_slots([run_slot_name(config.name)], f"run {config.name}", wait=if_busy == "wait") as held:
-        if held:
-            return _continue_run(config, refresh, max_new_iterations)
-        stopped = "skipped: another flow run is working on this run (its slot is held); nothing changed"
-        get_run_logger().warning("run %s %s", config.name, stopped)
-        done = completed_prefix(read_history_task(config.storage, config.name))
-        return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=_newest_checkpoint(config, done))
+        if not held:
+            return _skipped(config, "another flow run is working on this run (its slot is held)")
+        try:
+            with flow_run_lease(config.storage, config.name):
+                return _continue_run(config, refresh, max_new_iterations, start_iteration)
+        except RunLeaseHeld as error:
+            if if_busy == "skip":
+                return _skipped(config, f"another writer holds the run's lease ({error.holder.describe()})")
+            # One line in the log and the UI instead of a traceback; the caller gets `error` raised.
+            return Failed(message=str(error), data=error)
 
 
-def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | None) -> RunOutcome:
+def _skipped(config: RunConfig, why: str) -> RunOutcome:
+    stopped = f"skipped: {why}; nothing changed"
+    get_run_logger().warning("run %s %s", config.name, stopped)
+    done = completed_prefix(read_history_task(config.storage, config.name))
+    return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=_newest_checkpoint(config, done))
+
+
+def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | None, start_iteration: int | None) -> RunOutcome:
     """The body of `run_flow`, run while it holds the run's slot."""
+    if start_iteration is not None:
+        return _run_iterations(config, refresh, max_new_iterations, start_iteration)
     logger = get_run_logger()
-    done = [] if refresh else completed_prefix(read_history_task(config.storage, config.name))
+    # A run stored by other code would be recomputed and its checkpoints overwritten: refused there.
+    done = [] if refresh else completed_prefix(read_history_task(config.storage, config.name, check_version=True))
     model = _newest_checkpoint(config, done)
     if done:
         logger.info("run %s: iterations 1-%d are complete in storage", config.name, len(done))
@@ -203,13 +169,33 @@ def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | No
         logger.warning(stopped)
         return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
 
-    start = len(done) + 1
+    return _run_iterations(config, refresh, max_new_iterations, len(done) + 1, model, resumed_after=len(done))
+
+
+def _run_iterations(
+    config: RunConfig,
+    refresh: bool,
+    max_new_iterations: int | None,
+    start: int,
+    model: ModelRef | None = None,
+    resumed_after: int | None = None,
+) -> RunOutcome:
+    """Iterations `start`, `start` + 1, ... from `model` (None: the checkpoint iteration `start`
+    starts from, read from storage and checked before any stage runs)."""
+    logger = get_run_logger()
+    if start > config.max_iterations:
+        raise ValueError(f"start_iteration {start} is past max_iterations ({config.max_iterations}) of run {config.name}")
+    if model is None:
+        history = read_history_task(config.storage, config.name, check_version=not refresh)
+        model = base_of_iteration(history, start, config.name) or run_seed_model(config)
+        logger.info("run %s: iteration %d starts again from %s", config.name, start, model.uri)
     last = config.max_iterations
     if max_new_iterations is not None:
         last = min(last, start + max_new_iterations - 1)
     outcomes: list[IterationOutcome] = []
     stopped = None
     for iteration in range(start, last + 1):
+        check_lease(config.storage, config.name)  # a lost lease (another writer took it over) stops here
         outcome = iteration_flow(config, iteration, model, refresh)
         outcomes.append(outcome)
         if outcome.model is None:
@@ -225,4 +211,5 @@ def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | No
             else f"ran the {max_new_iterations} iteration(s) asked for"
         )
     logger.info("run %s stopped: %s; newest checkpoint %s", config.name, stopped, model.uri)
-    return RunOutcome(run=config.name, resumed_after=len(done), iterations=outcomes, stopped=stopped, model=model)
+    resumed = start - 1 if resumed_after is None else resumed_after
+    return RunOutcome(run=config.name, resumed_after=resumed, iterations=outcomes, stopped=stopped, model=model)

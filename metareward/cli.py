@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -81,14 +82,64 @@ def _check_execution(config) -> None:
         raise typer.Exit(2) from None
 
 
-def _load(config_path: Path):
-    from metareward.config import ConfigError, load_config
+def _check_stored_version(config, refresh: bool) -> None:
+    """A run stored by another pipeline version, refused before Prefect starts unless `--refresh`."""
+    from metareward.runs import StoredRunVersionError, check_stored_version
+    from metareward.storage import Store
+
+    if refresh:
+        return
+    try:
+        check_stored_version(Store(config.storage), config.name)
+    except StoredRunVersionError as error:
+        console.print(str(error), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _writer_lease(config):
+    """The run's writer lease (`metareward.lease`), taken before Prefect starts and held until the
+    command ends; the flows use this one. Another writer: its holder named, exit 2, nothing done."""
+    from metareward.lease import RunLeaseHeld, RunLeaseLost, hold_run_lease
 
     try:
-        return load_config(config_path)
-    except ConfigError as error:
-        console.print(f"[red]{error}[/red]")
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(hold_run_lease(config.storage, config.name))
+            except RunLeaseHeld as error:
+                console.print(str(error), style="red", markup=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except (OSError, ValueError, RuntimeError) as error:  # the store cannot be reached or written
+                console.print(f"cannot take the writer lease of run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            yield
+    except RunLeaseLost as error:  # the work ended, but another writer had taken the run over meanwhile
+        console.print(f"run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _lease_error(config, error: Exception) -> None:
+    """A lease refusal or loss that reached the flow's caller: its one message, exit 2 or 1."""
+    from metareward.lease import RunLeaseHeld, RunLeaseLost
+
+    if isinstance(error, (RunLeaseHeld, RunLeaseLost)):
+        console.print(f"run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(error, RunLeaseHeld) else 1) from None
+
+
+def _load(config_path: Path, inputs: bool = False, evaluation: bool | None = None):
+    from metareward.config import ConfigError, load_config
+    from metareward.inputs import check_inputs
+
+    try:
+        config = load_config(config_path)
+        notes = check_inputs(config, evaluation, source=str(config_path)) if inputs else []  # files read before Prefect starts
+    except ConfigError as error:  # markup off: a quoted prompt may hold [brackets]; soft_wrap: one unbroken line
+        console.print(str(error), style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    for note in notes:
+        console.print(note, style="yellow", markup=False, soft_wrap=True)
+    return config
 
 
 class _TerminalProgress:
@@ -121,13 +172,14 @@ class _TerminalProgress:
         self.progress.stop()
 
 
-def _run_flow(config, refresh: bool, max_new_iterations: int | None):
+def _run_flow(config, refresh: bool, max_new_iterations: int | None, start_iteration: int | None = None):
     from flows.run import run_flow
 
     try:
         with _TerminalProgress():
-            return run_flow(config, refresh=refresh, max_new_iterations=max_new_iterations)
+            return run_flow(config, refresh=refresh, max_new_iterations=max_new_iterations, start_iteration=start_iteration)
     except Exception as error:  # the flow's logs above hold the traceback; say what failed plainly
+        _lease_error(config, error)
         console.print(f"[red]run {config.name} failed: {type(error).__name__}: {error}[/red]")
         raise typer.Exit(1) from None
 
@@ -146,10 +198,12 @@ def run(
     refresh: Annotated[bool, typer.Option("--refresh", help="Start again from M0 and run every stage again instead of taking its cached result.")] = False,
 ) -> None:
     """Run the iterations of CONFIG, resuming after the last complete iteration in storage, up to max_iterations."""
-    config = _load(config_path)
-    _prepare_prefect()
-    _check_execution(config)
-    _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=None))
+    config = _load(config_path, inputs=True)
+    _check_stored_version(config, refresh)
+    with _writer_lease(config):
+        _prepare_prefect()
+        _check_execution(config)
+        _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=None))
 
 
 @app.command()
@@ -162,42 +216,37 @@ def iterate(
     refresh: Annotated[bool, typer.Option("--refresh", help="Run every stage again instead of taking its cached result.")] = False,
 ) -> None:
     """Run exactly one more iteration of CONFIG (within max_iterations), or iteration I again with --iteration I."""
-    config = _load(config_path)
-    _prepare_prefect()
-    _check_execution(config)
-    if iteration is None:
-        _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=1))
-        return
+    config = _load(config_path, inputs=True)
+    _check_stored_version(config, refresh)
+    if iteration is not None:
+        _check_base(config, iteration)
+    with _writer_lease(config):
+        _prepare_prefect()
+        _check_execution(config)
+        if iteration is None:
+            _finish(config, _run_flow(config, refresh=refresh, max_new_iterations=1))
+            return
+        outcome = _run_flow(config, refresh=refresh, max_new_iterations=1, start_iteration=iteration)
+    for ran in outcome.iterations:
+        states = ", ".join(f"{stage} {state}" for stage, state in ran.states.items())
+        console.print(f"\nIteration {ran.iteration}: {states}")
+    _finish(config, outcome)
 
-    from flows.iteration import iteration_flow
-    from flows.run import completed_prefix, read_history, run_seed_model
+
+def _check_base(config, iteration: int) -> None:
+    """Refuse, before Prefect starts, an iteration whose base checkpoint storage does not hold."""
+    from metareward.runs import UnavailableBase, base_of_iteration, read_history
     from metareward.storage import Store
 
+    if iteration > config.max_iterations:
+        console.print(f"[red]--iteration {iteration} is past max_iterations ({config.max_iterations}) of run {config.name}[/red]")
+        raise typer.Exit(2)
     store = Store(config.storage)
-    if iteration == 1:
-        base = run_seed_model(config)
-    else:
-        done = completed_prefix(read_history(store, config.name))
-        if len(done) < iteration - 1 or not done[iteration - 2].trained:
-            console.print(
-                f"[red]iteration {iteration} starts from M{iteration - 1}, but run {config.name} has "
-                f"{sum(record.trained for record in done)} trained iteration(s) in {store.root}[/red]"
-            )
-            raise typer.Exit(2)
-        if done[iteration - 2].pruned:
-            console.print(
-                f"[red]iteration {iteration} starts from M{iteration - 1}, whose checkpoint was pruned "
-                f"(keep_last_checkpoints: {config.keep_last_checkpoints}); `metareward run --refresh` trains the run again from M0[/red]"
-            )
-            raise typer.Exit(2)
-        base = done[iteration - 2].model
-    with _TerminalProgress():
-        outcome = iteration_flow(config, iteration, base, refresh)
-    states = ", ".join(f"{stage} {state}" for stage, state in outcome.states.items())
-    console.print(f"\nIteration {iteration}: {states}")
-    if outcome.model is None:
-        console.print(f"[yellow]{outcome.message}[/yellow]")
-    _print_status(store, config.name)
+    try:
+        base_of_iteration(read_history(store, config.name), iteration, config.name)
+    except UnavailableBase as error:
+        console.print(f"[red]{error} ({store.root})[/red]")
+        raise typer.Exit(2) from None
 
 
 def _store_and_run(run_or_config: str, root: str):
@@ -219,22 +268,20 @@ def _number(value: Any, digits: int = 3) -> str:
 
 
 def _print_status(store, run: str) -> list:
-    from flows.run import read_history
+    from metareward.runs import read_history
 
     history = read_history(store, run)
     if not history:
         console.print(f"No iterations of run {run!r} under {store.root}.")
         return history
     table = Table(title=f"run {run} ({store.run_uri(run)})")
-    for column in (
-        "iter", "state", "checkpoint", "prompts", "responses", "judgments", "score",
-        "forced", "meta", "actor pairs", "judge pairs", "loss",
-    ):
+    # Forced verdicts beside the valid ones, judge and meta-judge alike: a demo's are nearly all forced (README).
+    for column in ("iter", "state", "checkpoint", "prompts", "responses", "judgments", "score", "forced",
+                   "meta", "meta forced", "actor pairs", "judge pairs", "loss"):
         table.add_column(column, justify="left" if column in ("state", "checkpoint") else "right")
     for record in history:
         stages = record.stages
-        judge = stages.get("judge", {})
-        forced = judge.get("statuses", {}).get("forced")
+        judge, meta = stages.judge, stages.meta_judge
         if record.complete:
             state = "trained" if record.trained else "no pairs"
         else:
@@ -243,15 +290,16 @@ def _print_status(store, run: str) -> list:
             str(record.iteration),
             state,
             (record.model.sha256[:12] + (" (pruned)" if record.pruned else "")) if record.model else "-",
-            _number(stages.get("sample_prompts", {}).get("prompts")),
-            _number(stages.get("generate", {}).get("responses")),
-            _number(judge.get("judgments")),
-            _number(judge.get("mean_score")),
-            _number(forced),
-            _number(stages.get("meta_judge", {}).get("meta_judgments")),
-            _number(stages.get("actor_pairs", {}).get("pairs")),
-            _number(stages.get("judge_pairs", {}).get("pairs")) if "judge_pairs" in stages else "not trained",
-            _number(stages.get("train", {}).get("final_loss")),
+            _number(stages.sample_prompts.prompts if stages.sample_prompts else None),
+            _number(stages.generate.responses if stages.generate else None),
+            _number(judge.judgments if judge else None),
+            _number(judge.mean_score if judge else None),
+            _number(judge.statuses.get("forced") if judge else None),
+            _number(meta.meta_judgments if meta else None),
+            _number(meta.statuses.get("forced") if meta else None),
+            _number(stages.actor_pairs.pairs if stages.actor_pairs else None),
+            _number(stages.judge_pairs.pairs) if stages.judge_pairs else ("not trained" if record.complete else "-"),
+            _number(stages.train.final_loss if stages.train else None),
         )
     console.print(table)
     for record in history:
@@ -288,7 +336,10 @@ def show(
         table.add_column("stage")
         table.add_column("counts")
         table.add_column("dropped")
-        for stage, summary in record.stages.items():
+        for stage, typed in record.stages:
+            if typed is None:
+                continue
+            summary = typed.model_dump(mode="json")
             counts = {name: value for name, value in summary.items() if not isinstance(value, (dict, list)) and name != "message"}
             dropped = summary.get("dropped") or {}
             table.add_row(
@@ -320,16 +371,18 @@ def evaluate(
     if not path.is_file():
         console.print(f"[red]{run_or_config}: not a config file; `evaluate` needs the run's config (its prompts, seed and engine)[/red]")
         raise typer.Exit(2)
-    config = _load(path)
-    _prepare_prefect()
-    from flows.evaluate import evaluate_flow
-    from metareward.evaluation import evaluation_markdown
+    config = _load(path, inputs=True, evaluation=True)
+    with _writer_lease(config):  # the results go into the run's folder
+        _prepare_prefect()
+        from flows.evaluate import evaluate_flow
+        from metareward.evaluation import evaluation_markdown
 
-    try:
-        outcome = evaluate_flow(config, iteration=iteration, refresh=refresh)
-    except Exception as error:  # the flow's logs hold the traceback; say what failed plainly
-        console.print(f"[red]evaluation of {config.name} failed: {type(error).__name__}: {error}[/red]")
-        raise typer.Exit(1) from None
+        try:
+            outcome = evaluate_flow(config, iteration=iteration, refresh=refresh)
+        except Exception as error:  # the flow's logs hold the traceback; say what failed plainly
+            _lease_error(config, error)
+            console.print(f"[red]evaluation of {config.name} failed: {type(error).__name__}: {error}[/red]")
+            raise typer.Exit(1) from None
     console.print(evaluation_markdown(config.name, outcome.models.iteration, outcome.win_rate, outcome.judge_accuracy), markup=False)
 
 
@@ -404,18 +457,6 @@ def seed() -> None:
     typer.echo(json.dumps(seed_model().model_dump(), indent=2))
 
 
-def _tokens(value: float) -> str:
-    """A token count for a table cell: 17.9M, 385.0k, 1,250."""
-    for threshold, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
-        if value >= threshold:
-            return f"{value / unit:.1f}{suffix}"
-    return f"{value:,.0f}"
-
-
-def _hours(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.2f}"
-
-
 @app.command()
 def plan(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The run's YAML config (e.g. configs/paper-llama3-8b.yaml).")],
@@ -438,6 +479,7 @@ def plan(
     """Expected counts, tokens and hours of each iteration of CONFIG: size a cluster before renting it (docs/scaling.md)."""
     config = _load(config_path)
     from metareward.planning import DEFAULT_PREFILL_SPEEDUP, PlanError, measured_lengths, plan_run
+    from metareward.planning import hours_text as _hours, tokens_text as _tokens
     from metareward.storage import StorageError, Store
 
     measured = {}

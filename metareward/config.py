@@ -3,7 +3,8 @@
 `load_config(path)` reads a YAML file into a `RunConfig`; unknown keys are an error that names the
 key and where it sits (`judge.tempreature`), and so is every invalid value. `RunConfig.for_iteration(i)`
 resolves the per-iteration overrides into the effective `IterationConfig` of iteration i (numbered as
-the spec: iteration 1 is the M0 -> M1 step); the stage functions (`metareward.stages`) read only that.
+the spec: iteration 1 is the M0 -> M1 step); each stage reads only its declared part of that
+(`metareward.contract`).
 
 Defaults are the paper's settings where the paper states them (K=7, N=11, rho, the length caps,
 sampling 0.8 / 0.95) and a documented choice where it does not (the spec's [choice] points). The
@@ -236,39 +237,6 @@ class IterationOverrides(BaseModel):
     meta_judge_max_tokens: int | None = Field(default=None, ge=1)
 
 
-# The settings each stage reads from an `IterationConfig`, by dotted field path. A stage function reads
-# nothing else, so `IterationConfig.stage_settings(stage)` is exactly what a cache key must cover: changing
-# rho re-runs pair selection and what follows, not generation. Operational engine fields (retries,
-# timeouts, concurrency, memory shares, the API key's variable) never change a text and stay out.
-_ENGINE_OUTPUT_FIELDS = (
-    "engine.backend",
-    "engine.device",
-    "engine.dtype",
-    "engine.trust_remote_code",
-    "engine.batch_size",
-    "engine.tensor_parallel_size",
-    "engine.max_model_len",
-    "engine.base_url",
-    "engine.model",
-)
-STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "sample_prompts": ("run", "iteration", "seed", "prompts", "earlier_prompts_per_iteration"),
-    "generate": ("seed", "shard_size", "actor", *_ENGINE_OUTPUT_FIELDS),
-    "judge": ("seed", "shard_size", "judge", "verdict_mode", *_ENGINE_OUTPUT_FIELDS),
-    "meta_judge": ("seed", "shard_size", "meta_judge", "verdict_mode", *_ENGINE_OUTPUT_FIELDS),
-    "actor_pairs": ("seed", "pairs.rho", "pairs.length_measure", "pairs.max_chosen_chars"),
-    "judge_pairs": (
-        "seed",
-        "pairs.max_chosen_judgment_chars",
-        "pairs.require_distinct_judge_scores",
-        "pairs.elo_l2",
-        "pairs.elo_tie_tolerance",
-    ),
-    "train": ("seed", "training"),
-    "summary": (),
-}
-
-
 class IterationConfig(BaseModel):
     """The effective settings of one iteration: the run's base settings with that iteration's
     overrides applied. Built by `RunConfig.for_iteration(i)`; the stage functions take it.
@@ -285,6 +253,7 @@ class IterationConfig(BaseModel):
     Sharding
         shard_size: prompts per shard of generation, judging and meta-judging.
         execution: where the shards run (not in any stage's settings: it never changes a table).
+    What each stage reads of it is declared in `metareward.contract`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -303,20 +272,6 @@ class IterationConfig(BaseModel):
     engine: EngineConfig
     shard_size: int = Field(ge=1)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-
-    def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The settings `stage` reads, as a JSON-able dict keyed by dotted path (for cache keys and
-        manifests). Stages: the keys of `STAGE_SETTINGS`."""
-        if stage not in STAGE_SETTINGS:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_SETTINGS)}")
-        dumped = self.model_dump(mode="json")
-        settings: dict[str, Any] = {}
-        for path in STAGE_SETTINGS[stage]:
-            value: Any = dumped
-            for part in path.split("."):
-                value = value[part]
-            settings[path] = value
-        return settings
 
 
 class RunConfig(BaseModel):

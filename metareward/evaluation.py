@@ -47,7 +47,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from metareward import parsing, prompt_sources
+from metareward import contract, parsing, prompt_sources
 from metareward.checkpoints import ModelRef
 from metareward.config import EvaluationConfig, RunConfig
 from metareward.engines.base import Engine, EngineConfig, Sampling
@@ -435,6 +435,27 @@ def win_rate_summary(comparisons: pd.DataFrame, bootstrap_samples: int = 1000, c
 # judge accuracy on a preference set
 
 
+def preference_set_digest(source: str = EMBEDDED, store: Store | None = None) -> str:
+    """sha256 of the preference set's bytes: a file edited in place is a new input to the judge accuracy."""
+    return hashlib.sha256(_preference_bytes(source, store)[2]).hexdigest()
+
+
+def _preference_bytes(source: str, store: Store | None) -> tuple[str, str, bytes]:
+    """(name in messages, file format, content) of a preference set."""
+    if source == EMBEDDED:
+        name = f"embedded preference set (metareward/data/{EMBEDDED_PREFERENCE_SET})"
+        return name, "jsonl", resources.files("metareward").joinpath("data", EMBEDDED_PREFERENCE_SET).read_bytes()
+    name = f"preference set {source}"
+    extension = os.path.splitext(source.split("?", 1)[0])[1].lower()
+    if extension not in (".parquet", ".pq", ".jsonl", ".ndjson"):
+        raise PreferenceSetError(f"{name}: unsupported extension {extension or '(none)'!r}; use .parquet or .jsonl")
+    try:
+        data = store.read_bytes(source) if store is not None and source.startswith("s3://") else _read_local(source)
+    except FileNotFoundError as error:
+        raise PreferenceSetError(f"{name} does not exist") from error
+    return name, "parquet" if extension in (".parquet", ".pq") else "jsonl", data
+
+
 def load_preference_set(source: str = EMBEDDED, store: Store | None = None) -> pd.DataFrame:
     """A preference set with columns `pair_id`, `prompt`, `chosen`, `rejected` (plus whatever else the
     file holds, e.g. `category`), in file order.
@@ -445,21 +466,8 @@ def load_preference_set(source: str = EMBEDDED, store: Store | None = None) -> p
     Raises `PreferenceSetError` naming the file for a missing column, empty or non-text values, a
     pair whose chosen and rejected texts are the same, and duplicate pair ids (rows counted from 1).
     """
-    if source == EMBEDDED:
-        name = f"embedded preference set (metareward/data/{EMBEDDED_PREFERENCE_SET})"
-        data = resources.files("metareward").joinpath("data", EMBEDDED_PREFERENCE_SET).read_bytes()
-        table = prompt_sources.parse_table(data, "jsonl", name, error=PreferenceSetError)
-    else:
-        name = f"preference set {source}"
-        extension = os.path.splitext(source.split("?", 1)[0])[1].lower()
-        if extension not in (".parquet", ".pq", ".jsonl", ".ndjson"):
-            raise PreferenceSetError(f"{name}: unsupported extension {extension or '(none)'!r}; use .parquet or .jsonl")
-        try:
-            data = store.read_bytes(source) if store is not None and source.startswith("s3://") else _read_local(source)
-        except FileNotFoundError as error:
-            raise PreferenceSetError(f"{name} does not exist") from error
-        file_format = "parquet" if extension in (".parquet", ".pq") else "jsonl"
-        table = prompt_sources.parse_table(data, file_format, name, error=PreferenceSetError)
+    name, file_format, data = _preference_bytes(source, store)
+    table = prompt_sources.parse_table(data, file_format, name, error=PreferenceSetError)
     return _validated_preferences(table, name)
 
 
@@ -477,14 +485,17 @@ def _validated_preferences(table: pd.DataFrame, name: str) -> pd.DataFrame:
         raise PreferenceSetError(f"{name}: missing column(s) {', '.join(missing)} (it has {', '.join(map(str, table.columns)) or 'none'})")
     if table.empty:
         raise PreferenceSetError(f"{name} holds no pairs")
+    lines = table.attrs.get("lines")
     table = table.reset_index(drop=True)
     for column in (PROMPT, "chosen", "rejected"):
         bad = [row + 1 for row, value in enumerate(table[column]) if not isinstance(value, str) or not value.strip()]
         if bad:
-            raise PreferenceSetError(f"{name}: {column!r} empty or not text at row(s) {', '.join(map(str, bad[:10]))}")
+            raise PreferenceSetError(f"{name}: column {column!r} empty or not text at {prompt_sources.describe_rows(bad, lines)}")
     same = [row + 1 for row, (chosen, rejected) in enumerate(zip(table["chosen"], table["rejected"])) if chosen == rejected]
     if same:
-        raise PreferenceSetError(f"{name}: chosen and rejected are the same text at row(s) {', '.join(map(str, same[:10]))}")
+        raise PreferenceSetError(
+            f"{name}: columns 'chosen' and 'rejected' hold the same text at {prompt_sources.describe_rows(same, lines)}"
+        )
     if "pair_id" in table.columns:
         table["pair_id"] = table["pair_id"].astype(str)
     else:
@@ -572,27 +583,43 @@ def evaluation_uri(store: Store, run: str, iteration: int, name: str) -> str:
     return store.join(store.iteration_uri(run, iteration), EVALUATION_DIR, name)
 
 
-def _fingerprint(name: str, payload: dict[str, Any]) -> str:
-    body = {"artifact": name, "schema_version": SCHEMA_VERSION, **payload}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+def _info(
+    store: Store,
+    stage: contract.Stage,
+    config: RunConfig,
+    model: ModelRef | None,
+    upstream: dict[str, str],
+) -> ArtifactInfo:
+    """What an evaluation artifact records: the fingerprint of its declared stage
+    (`metareward.contract.EVALUATION_STAGES`) over its settings, the model that wrote it, the
+    upstream artifacts' fingerprints (read from their manifests) and the input files' digests."""
+    settings = contract.settings_of(stage.settings, config)
+    digests = {}
+    if stage.reads_prompt_pool:
+        digests["prompt_pool"] = prompt_sources.source_digest(config.prompts.source, store=store)
+    if stage.reads_preference_set:
+        digests["preference_set"] = preference_set_digest(config.evaluation.preference_set, store=store)
+    keys = {role: str(read_manifest(store, uri)["fingerprint"]) for role, uri in upstream.items()}
+    sha256 = model.sha256 if model is not None else None
+    return ArtifactInfo(
+        stage=stage.name,
+        schema_version=SCHEMA_VERSION,
+        pipeline_version=contract.PIPELINE_VERSION,
+        fingerprint=contract.fingerprint(stage, settings, sha256, keys, digests),
+        checkpoint_sha256=sha256 if stage.uses_checkpoint else None,
+        config=settings.model_dump(mode="json"),
+        upstream=upstream,
+    )
 
 
 def _stored_or_computed(
-    store: Store, uri: str, name: str, payload: dict[str, Any], compute: Callable[[], pd.DataFrame], refresh: bool, model: ModelRef | None
+    store: Store, uri: str, info: ArtifactInfo, compute: Callable[[], pd.DataFrame], refresh: bool
 ) -> pd.DataFrame:
-    """The artifact at `uri` when storage holds it complete for the same inputs, else `compute()` written there."""
-    fingerprint = _fingerprint(name, payload)
-    if not refresh and is_complete(store, uri) and read_manifest(store, uri).get("fingerprint") == fingerprint:
+    """The artifact at `uri` when storage holds it complete under the same fingerprint, else `compute()` written there."""
+    if not refresh and is_complete(store, uri) and read_manifest(store, uri).get("fingerprint") == info.fingerprint:
         logger.info("%s: reused (same inputs)", uri)
         return read_artifact(store, uri)
     table = compute()
-    info = ArtifactInfo(
-        stage=f"evaluate_{name}",
-        schema_version=SCHEMA_VERSION,
-        fingerprint=fingerprint,
-        checkpoint_sha256=model.sha256 if model is not None else None,
-        config=dict(payload.get("settings", {})),
-    )
     write_artifact(store, uri, table, info)
     return table
 
@@ -624,14 +651,6 @@ class EngineSlot:
             self._loaded = None
 
 
-def _response_settings(settings: EvaluationConfig) -> dict[str, Any]:
-    return settings.model_dump(mode="json", include={"max_tokens", "temperature", "top_p"})
-
-
-def _judge_settings(settings: EvaluationConfig) -> dict[str, Any]:
-    return settings.model_dump(mode="json", include={"judge_max_tokens", "judge_temperature", "verdict_mode"})
-
-
 def evaluate_win_rate(
     store: Store,
     config: RunConfig,
@@ -648,34 +667,24 @@ def evaluate_win_rate(
     settings = config.evaluation
     seed = config.seed if settings.seed is None else settings.seed
     prompts = heldout_eval_prompts(store, config)
-    prompt_payload = hashlib.sha256("\n".join(f"{i}\t{t}" for i, t in zip(prompts[PROMPT_ID], prompts[PROMPT])).encode()).hexdigest()
     responses, responses_uris = {}, {}
     for role, model in ((MODEL_X, model_x), (MODEL_Y, model_y)):
-        payload = {"model": model.sha256, "prompts": prompt_payload, "seed": seed, "settings": _response_settings(settings)}
 
         def compute(model: ModelRef = model) -> pd.DataFrame:
             return generate_responses(engines(config.engine, model), prompts, settings, _seed(seed, "responses"))
 
         responses_uris[role] = evaluation_uri(store, config.name, iteration, f"{RESPONSES}_{role}")
-        responses[role] = _stored_or_computed(store, responses_uris[role], RESPONSES, payload, compute, refresh, model)
+        info = _info(store, contract.EVAL_RESPONSES, config, model, {})
+        responses[role] = _stored_or_computed(store, responses_uris[role], info, compute, refresh)
     judge_engine = settings.judge_engine or config.engine
-    payload = {
-        "judge": judge.sha256,
-        "judge_engine": judge_engine.model_dump(mode="json"),
-        "responses": {role: read_manifest(store, uri)["data_sha256"] for role, uri in responses_uris.items()},
-        "prompts": prompt_payload,
-        "seed": seed,
-        "settings": _judge_settings(settings),
-    }
     comparisons_uri = evaluation_uri(store, config.name, iteration, COMPARISONS)
+    upstream = {f"{RESPONSES}_{role}": uri for role, uri in responses_uris.items()}
     comparisons = _stored_or_computed(
         store,
         comparisons_uri,
-        COMPARISONS,
-        payload,
+        _info(store, contract.EVAL_COMPARISONS, config, judge, upstream),
         lambda: compare_responses(engines(judge_engine, judge), prompts, responses[MODEL_X], responses[MODEL_Y], settings, seed),
         refresh,
-        judge,
     )
     summary = win_rate_summary(comparisons, settings.bootstrap_samples, settings.confidence, seed)
     summary.update(
@@ -692,15 +701,7 @@ def evaluate_win_rate(
     )
     row = {name: (json.dumps(value, sort_keys=True) if isinstance(value, dict) else value) for name, value in summary.items()}
     uri = evaluation_uri(store, config.name, iteration, WIN_RATE)
-    info = ArtifactInfo(
-        stage=f"evaluate_{WIN_RATE}",
-        schema_version=SCHEMA_VERSION,
-        fingerprint=_fingerprint(WIN_RATE, {"comparisons": read_manifest(store, comparisons_uri)["data_sha256"], "settings": settings.model_dump(mode="json")}),
-        checkpoint_sha256=model_x.sha256,
-        config=settings.model_dump(mode="json"),
-        upstream={COMPARISONS: comparisons_uri},
-    )
-    write_artifact(store, uri, pd.DataFrame([row]), info)
+    write_artifact(store, uri, pd.DataFrame([row]), _info(store, contract.EVAL_WIN_RATE, config, None, {COMPARISONS: comparisons_uri}))
     summary["uris"] = {**{f"{RESPONSES}_{role}": u for role, u in responses_uris.items()}, COMPARISONS: comparisons_uri, WIN_RATE: uri}
     return summary
 
@@ -721,16 +722,15 @@ def evaluate_judge_accuracy(
     pairs = load_preference_set(settings.preference_set, store=store)
     if settings.max_pairs:
         pairs = pairs.head(settings.max_pairs).reset_index(drop=True)
-    pairs_digest = hashlib.sha256(pairs[list(PREFERENCE_COLUMNS)].to_json(orient="values").encode()).hexdigest()
     rows, judgments_uris = [], {}
     for role, model in models.items():
-        payload = {"model": model.sha256, "pairs": pairs_digest, "seed": seed, "settings": _judge_settings(settings)}
         uri = evaluation_uri(store, config.name, iteration, f"{PREFERENCE_JUDGMENTS}_{role}")
 
         def compute(model: ModelRef = model) -> pd.DataFrame:
             return judge_preference_set(engines(config.engine, model), pairs, settings, seed)
 
-        judgments = _stored_or_computed(store, uri, PREFERENCE_JUDGMENTS, payload, compute, refresh, model)
+        info = _info(store, contract.EVAL_PREFERENCE_JUDGMENTS, config, model, {})
+        judgments = _stored_or_computed(store, uri, info, compute, refresh)
         judgments_uris[role] = uri
         rows.append(
             {
@@ -744,14 +744,8 @@ def evaluate_judge_accuracy(
         )
     table = pd.DataFrame([{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in row.items()} for row in rows])
     uri = evaluation_uri(store, config.name, iteration, JUDGE_ACCURACY)
-    info = ArtifactInfo(
-        stage=f"evaluate_{JUDGE_ACCURACY}",
-        schema_version=SCHEMA_VERSION,
-        fingerprint=_fingerprint(JUDGE_ACCURACY, {"judgments": {r: read_manifest(store, u)["data_sha256"] for r, u in judgments_uris.items()}}),
-        checkpoint_sha256=models[MODEL_X].sha256 if MODEL_X in models else None,
-        config=settings.model_dump(mode="json"),
-        upstream=judgments_uris,
-    )
+    upstream = {f"judgments_{role}": uri for role, uri in judgments_uris.items()}
+    info = _info(store, contract.EVAL_JUDGE_ACCURACY, config, None, upstream)
     write_artifact(store, uri, table.astype({"accuracy": "float64", "wrong_share": "float64", "tie_share": "float64"}), info)
     for row in rows:
         row["uri"] = uri

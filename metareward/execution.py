@@ -42,6 +42,12 @@ class ExecutionError(RuntimeError):
     """A Ray execution setting that cannot work here; the message says what to change."""
 
 
+def missing_extra(setting: str, error: ImportError) -> ExecutionError:
+    """The error for `setting` (e.g. "execution.backend is 'ray'") when the import of the
+    `metareward[ray]` extra failed with `error`."""
+    return ExecutionError(f"{setting} but {error.name} is not installed: {INSTALL_HINT}")
+
+
 class RayExecutionConfig(BaseModel):
     """How the stages use a Ray cluster (`execution.backend: ray`).
 
@@ -127,12 +133,12 @@ class ExecutionConfig(BaseModel):
 def check_ray_execution(ray: RayExecutionConfig, storage_root: str, storage_protocol: str, prefect_api_url: str | None) -> None:
     """Refuse, before anything starts, a Ray setup whose workers could not reach the run's data or
     the Prefect API. `prefect_api_url` is the configured `PREFECT_API_URL` (None: the temporary
-    API Prefect starts inside this process)."""
+    API Prefect starts inside this process). That prefect-ray is installed is checked by the
+    Prefect shell (`flows.generation.check_execution`), before this."""
     try:
-        import prefect_ray  # noqa: F401
         import ray as _ray  # noqa: F401
     except ImportError as error:
-        raise ExecutionError(f"execution.backend is 'ray' but {error.name} is not installed: {INSTALL_HINT}") from None
+        raise missing_extra("execution.backend is 'ray'", error) from None
     if not ray.is_cluster:
         return
     if ray.expected_gpus < 1:

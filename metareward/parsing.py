@@ -66,7 +66,8 @@ _SCORE_TAIL = (
 _SCORE_WORD = r"[Ss][Cc][Oo][Rr][Ee]"
 _WINNER_WORD = r"[Ww][Ii][Nn][Nn][Ee][Rr]"
 _WINNER_TAIL = r"[^A-Za-z0-9_][Ww][Ii][Nn][Nn][Ee][Rr][ *_]*:[ *_]*Judge?ment (?P<verdict>[AB])[.*_ ]*$"
-_LABEL = re.compile(r"\bjudge?ment[\s*_\"'\[\]():]*([a-z])\b", re.IGNORECASE | re.ASCII)
+# Underscores around a label are markdown (`_Judgement A_`), not part of a word: hence the lookarounds.
+_LABEL = re.compile(r"(?<![a-z0-9])judge?ment[\s*_\"'\[\]():]*([a-z])(?![a-z0-9])", re.IGNORECASE | re.ASCII)
 # A verdict keyword, complete or cut off by max_tokens: "Score:", "**Score**:", or "Score" at the end.
 _VERDICT_KEYWORD = {
     "score": re.compile(r".*(\bscore)[\s*_]*(?::|\Z)", _FLAGS),

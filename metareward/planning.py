@@ -327,3 +327,16 @@ def plan_run(
         iterations=plans,
         notes=notes,
     )
+
+
+def tokens_text(value: float) -> str:
+    """A token count for a table cell: 17.9M, 385.0k, 1,250."""
+    for threshold, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if value >= threshold:
+            return f"{value / unit:.1f}{suffix}"
+    return f"{value:,.0f}"
+
+
+def hours_text(value: float | None) -> str:
+    """Hours for a table cell, `-` when unknown (no throughput given)."""
+    return "-" if value is None else f"{value:,.2f}"

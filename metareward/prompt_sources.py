@@ -29,6 +29,7 @@ Sampling (`sample_prompts`, `heldout_prompts`), all from one `seed`, independent
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -63,10 +64,21 @@ def load_prompt_pool(source: str | None = EMBEDDED, store: Store | None = None) 
     prompts (with their row numbers, counted from 1 without the CSV header), empty `prompt_id`s
     and duplicate `prompt_id`s.
     """
+    name, file_format, data = _source_bytes(source, store)
+    return _validated(parse_table(data, file_format, name), name)
+
+
+def source_digest(source: str | None = EMBEDDED, store: Store | None = None) -> str:
+    """sha256 of the prompt source's bytes: what the sampled prompts depend on besides the
+    settings, so a file edited in place is a new input to `sample_prompts`."""
+    return hashlib.sha256(_source_bytes(source, store)[2]).hexdigest()
+
+
+def _source_bytes(source: str | None, store: Store | None) -> tuple[str, str, bytes]:
+    """(name in messages, file format, content) of a prompt source."""
     if source is None or source == EMBEDDED:
         name = f"embedded prompt set (metareward/data/{EMBEDDED_RESOURCE})"
-        data = resources.files("metareward").joinpath("data", EMBEDDED_RESOURCE).read_bytes()
-        return _validated(parse_table(data, "jsonl", name), name)
+        return name, "jsonl", resources.files("metareward").joinpath("data", EMBEDDED_RESOURCE).read_bytes()
     if not isinstance(source, str) or not source.strip():
         raise PromptSourceError(f"prompt source must be 'embedded' or a file path/URL, got {source!r}")
     extension = os.path.splitext(source.split("?", 1)[0])[1].lower()
@@ -76,9 +88,7 @@ def load_prompt_pool(source: str | None = EMBEDDED, store: Store | None = None) 
             f"prompt file {source}: unsupported extension {extension or '(none)'!r}; "
             "use .parquet, .jsonl (or .ndjson) or .csv"
         )
-    name = f"prompt file {source}"
-    data = _read_source(source, store)
-    return _validated(parse_table(data, file_format, name), name)
+    return f"prompt file {source}", file_format, _read_source(source, store)
 
 
 def _read_source(source: str, store: Store | None) -> bytes:
@@ -115,6 +125,7 @@ def parse_table(data: bytes, file_format: str, name: str, error: type[ValueError
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{name} is not UTF-8 text: {exc}") from exc
+    lines: list[int] = []  # the file line of each row, for messages a person can find in an editor
     if file_format == "jsonl":
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -123,20 +134,35 @@ def parse_table(data: bytes, file_format: str, name: str, error: type[ValueError
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise error(f"{name}: line {line_number} is not valid JSON ({exc.msg})") from exc
+                raise error(f"{name}: line {line_number}, column {exc.colno} is not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
                 raise error(f"{name}: line {line_number} is a JSON {type(record).__name__}, not an object")
             records.append(record)
+            lines.append(line_number)
         # dtype=object keeps the values exactly as parsed (no numeric coercion of ids or prompts)
-        return pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame()
-    try:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise error(f"{name} is not readable CSV: {exc}") from exc
-    for row_number, row in enumerate(rows, start=1):
-        if None in row:
-            raise error(f"{name}: row {row_number} has more fields than the header (counted from 1, header excluded)")
-    return pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame(columns=_csv_header(text))
+        table = pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame()
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        try:
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)  # the row's last line (its only one unless a field spans lines)
+        except csv.Error as exc:
+            raise error(f"{name} is not readable CSV: {exc}") from exc
+        for row_number, row in enumerate(rows, start=1):
+            if None in row:
+                raise error(f"{name}: {describe_rows([row_number], lines)} has more fields than the header")
+        table = pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame(columns=_csv_header(text))
+    table.attrs["lines"] = lines
+    return table
+
+
+def describe_rows(rows: Sequence[int], lines: Sequence[int] | None = None, limit: int = 10) -> str:
+    """`row 2 (line 3), row 5 (line 7)` for rows counted from 1 (the header excluded); the line is
+    where the row sits in a JSONL or CSV file (`parse_table`'s `attrs["lines"]`), omitted for Parquet."""
+    shown = [f"row {row}" + (f" (line {lines[row - 1]})" if lines else "") for row in rows[:limit]]
+    return ", ".join(shown) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def _csv_header(text: str) -> list[str]:
@@ -145,6 +171,9 @@ def _csv_header(text: str) -> list[str]:
 
 
 def _validated(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    lines = table.attrs.get("lines")
+    if len(table) == 0 and len(table.columns) == 0:
+        raise PromptSourceError(f"{name} holds no prompts (no rows)")
     if PROMPT not in table.columns:
         columns = ", ".join(repr(column) for column in table.columns) or "no columns"
         raise PromptSourceError(f"{name}: no {PROMPT!r} column (it has {columns})")
@@ -153,21 +182,21 @@ def _validated(table: pd.DataFrame, name: str) -> pd.DataFrame:
     table = table.reset_index(drop=True)
     bad = [index + 1 for index, value in enumerate(table[PROMPT]) if not isinstance(value, str) or not value.strip()]
     if bad:
-        shown = ", ".join(str(row) for row in bad[:10]) + (", ..." if len(bad) > 10 else "")
         raise PromptSourceError(
-            f"{name}: {len(bad)} prompt(s) empty or not text, at row(s) {shown} (counted from 1, header excluded)"
+            f"{name}: column {PROMPT!r} is empty or not text at {describe_rows(bad, lines)} "
+            f"({len(bad)} of {len(table)} rows; rows counted from 1, header excluded)"
         )
     if PROMPT_ID in table.columns:
         ids = table[PROMPT_ID]
         bad_ids = [index + 1 for index, value in enumerate(ids) if _is_missing(value) or not str(value).strip()]
         if bad_ids:
-            raise PromptSourceError(f"{name}: empty prompt_id at row(s) {', '.join(map(str, bad_ids[:10]))}")
+            raise PromptSourceError(f"{name}: column {PROMPT_ID!r} is empty at {describe_rows(bad_ids, lines)}")
         duplicated = ids.astype(str).duplicated(keep=False)
         if duplicated.any():
             value = ids.astype(str)[duplicated].iloc[0]
             rows = [index + 1 for index in duplicated[ids.astype(str) == value].index]
             raise PromptSourceError(
-                f"{name}: duplicate prompt_id {value!r} at rows {', '.join(map(str, rows))} "
+                f"{name}: column {PROMPT_ID!r} holds {value!r} at {describe_rows(rows, lines)} "
                 f"({int(duplicated.sum())} rows share a prompt_id)"
             )
     else:
@@ -177,8 +206,8 @@ def _validated(table: pd.DataFrame, name: str) -> pd.DataFrame:
             value = texts[duplicated].iloc[0]
             rows = [index + 1 for index in texts.index[texts == value]]
             raise PromptSourceError(
-                f"{name}: the prompt {value[:60]!r} occurs at rows {', '.join(map(str, rows))}; without a prompt_id "
-                "column identical prompts get the same id, so remove the duplicates"
+                f"{name}: column {PROMPT!r} holds {value[:60]!r} at {describe_rows(rows, lines)}; without a "
+                "prompt_id column identical prompts get the same id, so remove the duplicates"
             )
     prepared = prepare_prompts(table[[c for c in (PROMPT_ID, PROMPT) if c in table.columns]], name=name)
     out = prepared[[PROMPT_ID, PROMPT]].astype({PROMPT_ID: str, PROMPT: str})

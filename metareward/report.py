@@ -23,7 +23,6 @@ the tasks run in worker threads). Markdown for the Prefect UI embeds the same PN
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metareward import diagnostics as dx
+from metareward import contract, diagnostics as dx
 from metareward.schema import SCHEMA_VERSION
 from metareward.stages import (
     ACTOR_PAIRS,
@@ -179,8 +178,8 @@ def _key(manifest: Mapping[str, Any]) -> str:
 
 
 def _fingerprint(keys: Mapping[str, str], part: str) -> str:
-    payload = {"version": DIAGNOSTICS_VERSION, "schema_version": SCHEMA_VERSION, "artifact": part, "inputs": dict(sorted(keys.items()))}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    """`metareward.contract.digest` (with the pipeline and schema versions) over the inputs' keys."""
+    return contract.digest(f"diagnostics/{part}", {"version": DIAGNOSTICS_VERSION, "inputs": dict(keys)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +195,13 @@ def write_iteration_diagnostics(store: Store, run: str, iteration: int) -> Itera
     upstream = {name: store.stage_uri(run, iteration, name) for name in keys}
 
     def info(part: str) -> ArtifactInfo:
-        return ArtifactInfo(stage=STAGE, schema_version=SCHEMA_VERSION, fingerprint=_fingerprint(keys, part), upstream=upstream)
+        return ArtifactInfo(
+            stage=STAGE,
+            schema_version=SCHEMA_VERSION,
+            pipeline_version=contract.PIPELINE_VERSION,
+            fingerprint=_fingerprint(keys, part),
+            upstream=upstream,
+        )
 
     uri = store.stage_uri(run, iteration, DIAGNOSTICS)
     store.rm(store.join(uri, MANIFEST_FILE))  # an old manifest must not vouch for the new histograms and plots

@@ -12,7 +12,7 @@ Images: the Prefect UI renders markdown images by URL, and a browser will not lo
 private s3://) image into an http:// page, so the PNGs are inlined as base64 `data:image/png` URIs
 (both Prefect 3.9 UIs allow that scheme for images; `docs/diagnostics.md`).
 
-Not cached by `metareward.caching`: the task reuses the stored diagnostics whenever they were
+Not cached by `tasks.cache`: the task reuses the stored diagnostics whenever they were
 computed from the artifacts there now (`metareward.report.iteration_diagnostics` compares
 fingerprints), which takes a few manifest reads; computing them takes a few seconds.
 """

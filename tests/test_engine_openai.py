@@ -23,6 +23,8 @@ import pytest
 
 from metareward.engines.base import EngineConfig, Sampling
 from metareward.engines.openai import MissingFeatureError, OpenAIEngine, ServerError, read_token_logprobs
+from tests.fixtures import chat_templates
+from tests.fixtures.chat_templates import CHAT_TEMPLATES, direct_option_probabilities, scored_text
 
 VLLM_MISSING = "vLLM is not installed in this environment; `make test-vllm` builds .venv-vllm and runs these tests"
 SERVER_START_TIMEOUT_S = 600
@@ -183,6 +185,23 @@ def test_choose_returns_a_valid_option_and_probabilities_summing_to_one(engine):
     backward = engine.choose(JUDGE_CONVERSATIONS[:1], "Overall, the answer is", words[::-1], temperature=0.0)[0]
     for word in words:
         assert forward.probabilities[word] == pytest.approx(backward.probabilities[word], rel=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_choose_matches_a_direct_forward_pass_on_published_templates(engine, reference_model, template, monkeypatch):
+    # The engine renders choose contexts with its own tokenizer: give it each published template.
+    tokenizer = engine._get_tokenizer()
+    monkeypatch.setattr(tokenizer, "chat_template", CHAT_TEMPLATES[template])
+    options = chat_templates.SCORE_OPTIONS
+    choices = engine.choose(chat_templates.JUDGE_CONVERSATIONS, "Score: ", options, temperature=0.0)
+    for conversation, choice in zip(chat_templates.JUDGE_CONVERSATIONS, choices):
+        text = scored_text(tokenizer, conversation, "Score: ")
+        direct = direct_option_probabilities(
+            reference_model[0], lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text, options
+        )
+        for option in options:
+            assert choice.probabilities[option] == pytest.approx(direct[option], abs=1e-5)
 
 
 @pytest.mark.vllm

@@ -22,6 +22,8 @@ import pytest
 from metareward.engines.base import EngineConfig, Sampling
 from metareward.engines.choice import OptionPlan, pick_option, plan_option_scoring, request_seed, validate_options
 from metareward.engines.vllm import EngineProcessError
+from tests.fixtures import chat_templates
+from tests.fixtures.chat_templates import direct_option_probabilities, scored_text
 
 VLLM_MISSING = "vLLM is not installed in this environment; `make test-vllm` builds .venv-vllm and runs these tests"
 
@@ -234,6 +236,20 @@ def test_choose_scores_multi_token_options_as_whole_texts(vllm_engine):
     assert sum(forward.probabilities.values()) == pytest.approx(1.0)
     for word in words:
         assert forward.probabilities[word] == pytest.approx(backward.probabilities[word], rel=1e-4)
+
+
+@pytest.mark.vllm
+def test_choose_matches_a_direct_forward_pass(vllm_engine, reference_model):
+    # The child renders with the checkpoint's own template (SmolLM2's); the published templates
+    # run through the same vLLM log-probabilities in test_engine_openai.py (one server, any template).
+    model, tokenizer = reference_model
+    options = chat_templates.SCORE_OPTIONS
+    choices = vllm_engine.choose(chat_templates.JUDGE_CONVERSATIONS, "Score: ", options, temperature=0.0)
+    for conversation, choice in zip(chat_templates.JUDGE_CONVERSATIONS, choices):
+        text = scored_text(tokenizer, conversation, "Score: ")
+        direct = direct_option_probabilities(model, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text, options)
+        for option in options:
+            assert choice.probabilities[option] == pytest.approx(direct[option], abs=1e-5)
 
 
 @pytest.mark.vllm

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from metareward import evaluation, stages
+from metareward import evaluation
+from tests.fixtures import stage_calls
 from metareward.config import RunConfig
 from metareward.evaluation import HeldOutOverlapError, PreferenceSetError, heldout_eval_prompts, load_preference_set
 from metareward.prompt_sources import heldout_prompts, load_prompt_pool
@@ -44,9 +45,9 @@ def test_a_users_preference_set_loads_from_jsonl_and_parquet_and_bad_files_are_r
     pd.DataFrame([{"prompt": "x", "better": "a", "rejected": "b"}]).to_json(tmp_path / "column.jsonl", orient="records", lines=True)
     pd.DataFrame([{"prompt": "x", "chosen": " ", "rejected": "b"}]).to_json(tmp_path / "empty.jsonl", orient="records", lines=True)
     for name, message in [
-        ("same.jsonl", "same text at row"),
+        ("same.jsonl", r"the same text at row 1 \(line 1\)"),
         ("column.jsonl", "missing column.*chosen"),
-        ("empty.jsonl", "'chosen' empty or not text at row"),
+        ("empty.jsonl", r"column 'chosen' empty or not text at row 1 \(line 1\)"),
         ("missing.jsonl", "does not exist"),
         ("prefs.csv", "unsupported extension"),
     ]:
@@ -57,7 +58,7 @@ def test_a_users_preference_set_loads_from_jsonl_and_parquet_and_bad_files_are_r
 def test_heldout_prompts_are_refused_once_an_iteration_sampled_one_for_training(tmp_path):
     config = RunConfig(name="heldout", storage=StorageConfig(root=str(tmp_path)), prompts={"per_iteration": 5})
     store = Store(config.storage)
-    stages.sample_prompts(store, config.for_iteration(1))  # the real sampling never touches the held-out slice
+    stage_calls.sample_prompts(store, config.for_iteration(1))  # the real sampling never touches the held-out slice
     prompts = heldout_eval_prompts(store, config)
     pool = load_prompt_pool("embedded")
     assert prompts.equals(heldout_prompts(pool, config.seed, config.prompts.holdout_fraction))

@@ -203,10 +203,11 @@ def test_the_iteration_deployment_runs_one_iteration_and_its_artifacts_are_in_th
 
 
 def test_nightly_continues_the_run_from_the_last_checkpoint_and_rides_out_an_s3_outage(ops):
-    from flows.run import read_history
+    from metareward.runs import read_history
 
-    # Night 1 starts while the S3 server is down: the first storage task fails on it, is retried
-    # with backoff (the UI shows the retry) once the server is back, and the run goes on.
+    # Night 1 starts while the S3 server is down: the first storage task (taking the run's writer
+    # lease) fails on it, is retried with backoff (the UI shows the retry) once the server is back,
+    # and the run goes on.
     ops.s3.stop()
     try:
         flow_run_id = trigger(ops.server, NIGHTLY, {})
@@ -218,8 +219,8 @@ def test_nightly_continues_the_run_from_the_last_checkpoint_and_rides_out_an_s3_
         ops.s3.start()
     first = wait_final(ops.client, flow_run_id)
     assert first.state.is_completed(), logs(ops.client, flow_run_id)
-    [history_task] = [run for name, run in task_runs(ops.client, flow_run_id).items() if name.startswith("read-history")]
-    assert history_task.state.is_completed() and history_task.run_count >= 2
+    [lease_task] = [run for name, run in task_runs(ops.client, flow_run_id).items() if name.startswith("take-run-lease")]
+    assert lease_task.state.is_completed() and lease_task.run_count >= 2
     states = [state.name for state in ops.client.read_flow_run_states(flow_run_id)]
     assert states[-1] == "Completed"
 

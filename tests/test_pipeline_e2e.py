@@ -112,7 +112,7 @@ def main_run(prefect_api, rclone_s3, seed_ref, seed_dir):
 
 
 def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_run):
-    from flows.run import read_history
+    from metareward.runs import read_history
 
     store, outcome = main_run.store, main_run.outcome
     assert outcome.resumed_after == 0 and len(outcome.iterations) == 1
@@ -131,8 +131,8 @@ def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_ru
 
     assert len(prompts) == PROMPTS and prompts[PROMPT_ID].is_unique
     generated = iteration.stages["generate"].summary
-    assert generated["generated"] == PROMPTS * K
-    assert len(responses) == PROMPTS * K - sum(generated["dropped"].values())
+    assert generated.generated == PROMPTS * K
+    assert len(responses) == PROMPTS * K - sum(generated.dropped.values())
     assert set(responses[PROMPT_ID]) <= set(prompts[PROMPT_ID]) and responses[RESPONSE_ID].is_unique
     # every response has N judgments, and every judgment belongs to a response
     assert (judgments.groupby(RESPONSE_ID).size() == N).all()
@@ -155,10 +155,11 @@ def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_ru
     assert new_model.uri == store.checkpoint_uri(RUN, 1)
     assert store.exists(store.join(new_model.uri, "metareward-manifest.json"))
     summary = read_artifact(store, store.stage_uri(RUN, 1, "summary"))
-    assert list(summary["stage"]) == ALL_STAGES[:-1]  # one row per stage before it
+    assert list(summary["stage"]) == ALL_STAGES  # one row per stage, then the iteration's own
     [record] = read_history(store, RUN)
     assert record.complete and record.trained and record.model == new_model
-    assert record.stages["judge"]["judgments"] == len(judgments)
+    assert record.stages.judge.judgments == len(judgments)
+    assert record.base == main_run.seed and record.stages.summary.model == new_model
 
     # what a person sees in the UI: per stage a summary, a preview of the rows, a link to the
     # Parquet file, and for the long stages a progress bar that ended at 100
@@ -228,7 +229,22 @@ def test_changing_rho_recomputes_pair_selection_and_what_follows_only(main_run):
     assert recomputed == {"actor_pairs", "train", "summary"}
     assert set(outcome.states.values()) <= {"Cached", "Completed"}
     manifest = read_manifest(main_run.store, main_run.store.stage_uri(RUN, 1, "actor_pairs"))
-    assert manifest["config"]["pairs.rho"] == 0.3
+    assert manifest["config"]["pairs"]["rho"] == 0.3
+
+
+def test_the_run_flow_starts_again_at_an_iteration_and_refuses_a_base_it_lacks(main_run):
+    from flows.run import run_flow
+    from metareward.runs import UnavailableBase
+
+    config = tiny_config(main_run.config.storage, Path(main_run.config.model), pairs={"rho": 0.3})
+    rerun = run_flow(config, start_iteration=1)
+    assert [ran.iteration for ran in rerun.iterations] == [1] and rerun.resumed_after == 0
+    assert rerun.iterations[0].states == {stage: "Cached" for stage in ALL_STAGES}
+    assert rerun.iterations[0].summary.base == main_run.seed
+
+    with pytest.raises(UnavailableBase, match="iteration 3 starts from M2"):
+        run_flow(config.model_copy(update={"max_iterations": 3}), start_iteration=3)
+    assert main_run.store.list_iterations(RUN) == [1]  # refused before any stage ran
 
 
 def test_an_iteration_without_pairs_stops_the_run_with_a_message(main_run):
@@ -260,7 +276,8 @@ def _judge_shards(store: Store) -> list[str]:
 
 @pytest.fixture(scope="module")
 def killed_run(prefect_api, rclone_s3, seed_dir, tmp_path_factory):
-    config = tiny_config(rclone_s3.storage_config(prefix="e2e-kill"), seed_dir)
+    # A short lease TTL: the killed command's lease is taken over seconds after it dies.
+    config = tiny_config(rclone_s3.storage_config(prefix="e2e-kill", lease_ttl_s=5.0, lease_renew_s=1.0), seed_dir)
     store = Store(config.storage)
     folder = tmp_path_factory.mktemp("killed-run")
     config_path = folder / "config.yaml"
@@ -292,7 +309,7 @@ def killed_run(prefect_api, rclone_s3, seed_dir, tmp_path_factory):
     done = _judge_shards(store)
     assert child.returncode == -signal.SIGKILL
     assert not is_complete(store, store.stage_uri(RUN, 1, "judgments"))
-    return SimpleNamespace(config=config, store=store, shards_done=done, log=log_path)
+    return SimpleNamespace(config=config, store=store, shards_done=done, log=log_path, pid=child.pid)
 
 
 class _RetryWatch(logging.Handler):
@@ -310,6 +327,17 @@ class _RetryWatch(logging.Handler):
             self.scheduled.set()
 
 
+class _Lines(logging.Handler):
+    """Keeps every message logged to it."""
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def resumed_run(killed_run, rclone_s3):
     from prefect.client.orchestration import get_client
@@ -317,9 +345,17 @@ def resumed_run(killed_run, rclone_s3):
 
     from flows.run import run_flow
 
+    from metareward.lease import read_lease
+
+    # The killed command left its writer lease: refused until its TTL has passed, then taken over.
+    left = read_lease(killed_run.store, RUN)
+    assert left is not None and left.pid == killed_run.pid, left
+    time.sleep(max(0.0, left.expires_at - time.time()) + 0.5)
     watch = _RetryWatch()
     task_logger = logging.getLogger("prefect.task_runs")
     task_logger.addHandler(watch)
+    lease_log = _Lines()
+    logging.getLogger("metareward.lease").addHandler(lease_log)
 
     def restart_after_retry():
         watch.scheduled.wait(timeout=300)
@@ -332,6 +368,7 @@ def resumed_run(killed_run, rclone_s3):
         state = run_flow(killed_run.config, return_state=True)
     finally:
         task_logger.removeHandler(watch)
+        logging.getLogger("metareward.lease").removeHandler(lease_log)
         restarter.join(timeout=330)
         rclone_s3.start()  # a no-op when the thread did it
     outcome = state.result()
@@ -339,7 +376,7 @@ def resumed_run(killed_run, rclone_s3):
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
-    return SimpleNamespace(outcome=outcome, state=state, watch=watch, task_runs=task_runs)
+    return SimpleNamespace(outcome=outcome, state=state, watch=watch, task_runs=task_runs, lease_log=lease_log.messages)
 
 
 def test_killed_run_resumes_without_redoing_committed_shards(main_run, killed_run, resumed_run):
@@ -348,14 +385,16 @@ def test_killed_run_resumes_without_redoing_committed_shards(main_run, killed_ru
     [iteration] = resumed_run.outcome.iterations
     assert iteration.states["generate"] == "Cached"  # committed before the kill
     judged = iteration.stages["judge"].summary
-    assert judged["shards"] == total_shards
-    assert judged["shards_computed"] == total_shards - len(killed_run.shards_done)
+    assert judged.shards == total_shards
+    assert judged.shards_computed == total_shards - len(killed_run.shards_done)
 
     def judgments(store: Store) -> pd.DataFrame:
         table = read_artifact(store, store.stage_uri(RUN, 1, "judgments"))
         return table.sort_values(JUDGMENT_ID).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(judgments(killed_run.store), judgments(main_run.store))
+    taken = [line for line in resumed_run.lease_log if "took over the lease of run e2e left by" in line]
+    assert taken and f"/{killed_run.pid} (expired at " in taken[0], resumed_run.lease_log
 
 
 def test_a_storage_outage_is_retried_and_the_run_completes(resumed_run, killed_run):

@@ -126,14 +126,14 @@ def test_a_file_on_rclone_read_through_a_local_run_store_uses_the_environment(rc
     "file_name, content, message",
     [
         ("p.csv", b"text\nhello\n", r"no 'prompt' column \(it has 'text'\)"),
-        ("p.csv", b"prompt\nhello\n\n   \nbye\n", r"1 prompt\(s\) empty or not text, at row\(s\) 2"),
-        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": 5}\n{"prompt": ""}\n', r"2 prompt\(s\) empty or not text, at row\(s\) 2, 3"),
-        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n', r"line 2 is not valid JSON"),
+        ("p.csv", b"prompt\nhello\n\n   \nbye\n", r"column 'prompt' is empty or not text at row 2 \(line 4\) \(1 of 3 rows"),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": 5}\n{"prompt": ""}\n', r"column 'prompt' is empty or not text at row 2 \(line 2\), row 3 \(line 3\)"),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n', r"line 2, column 15 is not valid JSON \(Expecting ',' delimiter\)"),
         ("p.jsonl", b'{"prompt": "a"}\n["b"]\n', r"line 2 is a JSON list, not an object"),
-        ("p.csv", b"prompt_id,prompt\nx,one\ny,two\nx,three\n", r"duplicate prompt_id 'x' at rows 1, 3"),
-        ("p.csv", b"prompt_id,prompt\nx,one\n,two\n", r"empty prompt_id at row\(s\) 2"),
-        ("p.csv", b"prompt\nsame\nother\nsame\n", r"the prompt 'same' occurs at rows 1, 3"),
-        ("p.csv", b"prompt\nok\nhas,extra\n", r"row 2 has more fields than the header"),
+        ("p.csv", b"prompt_id,prompt\nx,one\ny,two\nx,three\n", r"column 'prompt_id' holds 'x' at row 1 \(line 2\), row 3 \(line 4\)"),
+        ("p.csv", b"prompt_id,prompt\nx,one\n,two\n", r"column 'prompt_id' is empty at row 2 \(line 3\)"),
+        ("p.csv", b"prompt\nsame\nother\nsame\n", r"column 'prompt' holds 'same' at row 1 \(line 2\), row 3 \(line 4\)"),
+        ("p.csv", b"prompt\nok\nhas,extra\n", r"row 2 \(line 3\) has more fields than the header"),
         ("p.csv", b"prompt\n", r"holds no prompts"),
         ("p.parquet", b"PAR1 but not really", r"is not a readable Parquet file"),
         ("p.jsonl", b"\xff\xfe\x00bad", r"is not UTF-8 text"),
@@ -151,7 +151,7 @@ def test_bad_prompt_files_are_named_with_their_problem(tmp_path, file_name, cont
 def test_non_text_prompts_in_parquet_and_missing_files(tmp_path):
     path = tmp_path / "numbers.parquet"
     pd.DataFrame({"prompt": [1, 2, 3]}).to_parquet(path)
-    with pytest.raises(PromptSourceError, match=r"3 prompt\(s\) empty or not text, at row\(s\) 1, 2, 3"):
+    with pytest.raises(PromptSourceError, match=r"column 'prompt' is empty or not text at row 1, row 2, row 3 \(3 of 3 rows"):
         load_prompt_pool(str(path))
     with pytest.raises(PromptSourceError, match=r"prompt file .*nowhere.csv does not exist"):
         load_prompt_pool(str(tmp_path / "nowhere.csv"))

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.run import completed_prefix, prune_checkpoints_task, read_history
+from flows.run import prune_checkpoints_task
+from metareward.runs import completed_prefix, read_history
 from metareward.checkpoints import MANIFEST_NAME, CheckpointError, ModelRef, materialize, prune_checkpoints, ref_from_folder
 from metareward.config import RunConfig, load_config
-from metareward.stages import StageResult, summary
+from metareward.stages import TrainResult
+from metareward.summaries import TrainSummary
+from tests.fixtures import stage_calls
 from metareward.storage import StorageConfig, Store
 
 RUN = "keep"
@@ -115,13 +118,8 @@ def _write_summaries(store: Store, seed: ModelRef, refs: list[ModelRef]) -> None
     config = RunConfig(name=RUN, storage=store.config)
     base = seed
     for iteration, ref in enumerate(refs, start=1):
-        trained = StageResult(
-            stage="train",
-            uri=None,
-            summary={"trained": True, "checkpoint": ref.uri, "checkpoint_sha256": ref.sha256},
-            model=ref,
-        )
-        summary(store, config.for_iteration(iteration), base, [trained])
+        trained = TrainResult(stage="train", uri=None, summary=TrainSummary(trained=True, pairs=2, model=ref))
+        stage_calls.summary(store, config.for_iteration(iteration), base, [trained])
         base = ref
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metareward import stages
+from tests.fixtures import stage_calls as stages
 from metareward.config import parse_config
 from metareward.parsing import parse_score
 from metareward.schema import (
@@ -141,8 +141,8 @@ def test_counts_are_consistent_across_the_tables(tiny_run):
     assert responses.groupby("prompt_id").size().between(1, K).all()
     assert all(rid.startswith("it1-") for rid in responses["response_id"])
     generated = tiny_run["results"]["generate"].summary
-    assert generated["generated"] == 3 * K
-    assert generated["responses"] + generated["dropped"]["duplicate_text"] == 3 * K
+    assert generated.generated == 3 * K
+    assert generated.responses + generated.dropped["duplicate_text"] == 3 * K
 
     # Every response has N judgments; every judgment is a response's.
     assert judgments["judgment_id"].is_unique
@@ -161,7 +161,7 @@ def test_counts_are_consistent_across_the_tables(tiny_run):
         if status == "forced":
             assert text.endswith(f"Score: {int(score)}")
     summary = tiny_run["results"]["judge"].summary
-    assert summary["statuses"]["ok"] + summary["statuses"]["forced"] == len(judgments)
+    assert summary.statuses["ok"] + summary.statuses["forced"] == len(judgments)
 
 
 @pytest.mark.model
@@ -180,7 +180,7 @@ def test_meta_judgments_and_pairs_reference_existing_rows(tiny_run):
     assert set(meta_judgments["status"]) <= {"ok", "forced"}
     assert meta_judgments["winner"].isin(["A", "B"]).all()
     summary = tiny_run["results"]["meta_judge"].summary
-    assert summary["win_1st"] + summary["win_2nd"] == len(meta_judgments)
+    assert summary.win_1st + summary.win_2nd == len(meta_judgments)
 
     actor = t["actor_pairs"]
     assert set(actor["kind"]) <= {"actor"}
@@ -191,7 +191,7 @@ def test_meta_judgments_and_pairs_reference_existing_rows(tiny_run):
         assert (response_prompt.reindex(actor[f"{side}_id"]).to_numpy() == actor["prompt_id"].to_numpy()).all()
     assert (actor["chosen_score"] > actor["rejected_score"]).all()
     actor_summary = tiny_run["results"]["actor_pairs"].summary
-    assert actor_summary["pairs"] + sum(actor_summary["dropped"].values()) == responses["prompt_id"].nunique()
+    assert actor_summary.pairs + sum(actor_summary.dropped.values()) == responses["prompt_id"].nunique()
 
     judge = t["judge_pairs"]
     judgment_text = judgments.set_index("judgment_id")["judgment"]
@@ -204,8 +204,8 @@ def test_meta_judgments_and_pairs_reference_existing_rows(tiny_run):
     assert set(t["elo"]["judgment_id"]) <= set(judgments["judgment_id"])
     assert (judge["chosen_elo"] > judge["rejected_elo"]).all()
     judge_summary = tiny_run["results"]["judge_pairs"].summary
-    assert judge_summary["pairs"] + sum(judge_summary["dropped"].values()) == len(targets)
-    assert math.isclose(judge_summary["w1"] + judge_summary["w2"], 1.0)
+    assert judge_summary.pairs + sum(judge_summary.dropped.values()) == len(targets)
+    assert math.isclose(judge_summary.w1 + judge_summary.w2, 1.0)
 
 
 @pytest.mark.model
@@ -217,17 +217,17 @@ def test_train_and_summary_produce_the_next_checkpoint(tiny_run, seed_ref):
     trained = stages.train(store, config, seed_ref, actor_uri, judge_uri)
     assert trained.model is not None and trained.model.sha256 != seed_ref.sha256
     assert trained.model.uri == store.checkpoint_uri("stages-test", 1)
-    assert trained.summary["trained"] is True and trained.summary["pairs"] == n_pairs
-    assert trained.summary["steps"] == 1
+    assert trained.summary.trained is True and trained.summary.pairs == n_pairs
+    assert trained.summary.steps == 1
     metrics = read_artifact(store, trained.uri)
     assert len(metrics) == 1 and "loss" in metrics.columns
 
     overview = stages.summary(store, config, seed_ref, [*results.values(), trained])
     table = read_artifact(store, overview.uri)
-    assert list(table["stage"]) == [*results, "train"]
-    assert overview.summary["responses"] == len(tiny_run["tables"]["responses"])
-    assert overview.summary["judgments"] == len(tiny_run["tables"]["judgments"])
-    assert overview.summary["checkpoint_sha256"] == trained.model.sha256
+    assert list(table["stage"]) == [*results, "train", "summary"]
+    assert overview.summary.responses == len(tiny_run["tables"]["responses"])
+    assert overview.summary.judgments == len(tiny_run["tables"]["judgments"])
+    assert overview.summary.model == trained.model and overview.summary.base == seed_ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,14 +253,35 @@ def test_a_judge_stage_stopped_after_one_shard_resumes_to_the_same_table(tiny_ru
     assert sorted(shard_files) == ["plan.json", "shard-00000.parquet"]
 
     resumed = stages.judge(store, config, seed_ref, prompts_uri, responses_uri)
-    assert resumed.summary["shards_computed"] == 1
+    assert resumed.summary.shards_computed == 1
     assert resumed.key == tiny_run["results"]["judge"].key
     pd.testing.assert_frame_equal(read_artifact(store, judgments_uri), tiny_run["tables"]["judgments"])
     pd.testing.assert_frame_equal(read_artifact(store, resumed.uris["scores"]), tiny_run["tables"]["scores"])
 
     # A complete artifact is not recomputed (and no shard is).
     again = stages.judge(store, config, seed_ref, prompts_uri, responses_uri)
-    assert again.summary["shards_computed"] == 0
+    assert again.summary.shards_computed == 0
+
+
+@pytest.mark.model
+def test_a_new_pipeline_version_reuses_no_shard_and_no_artifact_of_the_old(tiny_run, tmp_path, seed_ref, monkeypatch):
+    from metareward import contract
+
+    source, config = tiny_run["store"], tiny_run["config"]
+    killed, finished = Store(StorageConfig(root=str(tmp_path / "killed"))), Store(StorageConfig(root=str(tmp_path / "finished")))
+    for store, names in ((killed, ("prompts", "responses")), (finished, ("prompts", "responses", "judgments", "scores"))):
+        for name in names:
+            shutil.copytree(source.stage_uri("stages-test", 1, name), store.stage_uri("stages-test", 1, name))
+    uris = [killed.stage_uri("stages-test", 1, name) for name in ("prompts", "responses")]
+    with pytest.raises(Interrupted):  # one shard committed under the old version
+        stages.judge(killed, config, seed_ref, *uris, progress=stop_after_first_shard)
+
+    monkeypatch.setattr(contract, "PIPELINE_VERSION", "metareward-pipeline-next")
+    for store in (killed, finished):
+        rerun = stages.judge(store, config, seed_ref, *(store.stage_uri("stages-test", 1, name) for name in ("prompts", "responses")))
+        assert rerun.summary.shards_computed == rerun.summary.shards  # nothing of the old version reused
+        assert rerun.key != tiny_run["results"]["judge"].key
+        assert read_manifest(store, rerun.uri)["pipeline_version"] == "metareward-pipeline-next"
 
 
 @pytest.mark.model
@@ -274,8 +295,8 @@ def test_exact_duplicate_responses_are_removed_and_counted(tmp_path, seed_ref):
     responses = read_artifact(store, result.uri)
     assert len(responses) == 2
     assert responses["prompt_id"].is_unique and responses["response_id"].is_unique
-    assert result.summary["dropped"] == {"duplicate_text": 4}
-    assert result.summary["generated"] == 6 and result.summary["responses"] == 2
+    assert result.summary.dropped == {"duplicate_text": 4}
+    assert result.summary.generated == 6 and result.summary.responses == 2
 
 
 def write_input(store: Store, uri: str, table: pd.DataFrame, stage: str) -> None:
@@ -332,7 +353,7 @@ def test_sample_prompts_draws_disjoint_iterations_from_the_training_pool(tmp_pat
     assert list(one.columns) == list(PROMPTS_COLUMNS)
     assert (len(one), len(two)) == (5, 4)
     assert not set(one["prompt_id"]) & set(two["prompt_id"])
-    assert first.summary["heldout"] == second.summary["heldout"] > 0
+    assert first.summary.heldout == second.summary.heldout > 0
     assert first.uri.endswith("/iter-1/prompts") and second.uri.endswith("/iter-2/prompts")
     # Same inputs, same sample and key.
     again = stages.sample_prompts(store, run_config.for_iteration(1))
@@ -354,8 +375,8 @@ def test_train_without_pairs_trains_nothing_and_says_why(tmp_path):
     seen: list[float] = []
     result = stages.train(store, config, nowhere, actor_uri, None, progress=seen.append)
     assert result.model is None and result.uri is None
-    assert result.summary["trained"] is False and result.summary["pairs"] == 0
-    assert "no preference pairs" in result.summary["message"] and "stops" in result.summary["message"]
+    assert result.summary.trained is False and result.summary.pairs == 0
+    assert "no preference pairs" in result.summary.message and "stops" in result.summary.message
     assert not store.exists(store.checkpoint_uri("stages-test", 1))
     assert seen == [1.0]
 
@@ -387,7 +408,7 @@ def test_train_whose_pairs_are_all_dropped_trains_nothing_and_says_why(tmp_path,
     write_input(store, actor_uri, pairs, "actor_pairs")
     result = stages.train(store, config, seed_ref, actor_uri, None)
     assert result.model is None and result.uri is None
-    assert result.summary["trained"] is False and result.summary["pairs"] == 2
-    assert result.summary["dropped"]["identical"] == 2
-    assert "dropped every one" in result.summary["message"] and "stops" in result.summary["message"]
+    assert result.summary.trained is False and result.summary.pairs == 2
+    assert result.summary.dropped["identical"] == 2
+    assert "dropped every one" in result.summary.message and "stops" in result.summary.message
     assert not store.exists(store.checkpoint_uri("stages-test", 1))

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from metareward.config import ConfigError, RunConfig
-from metareward.stages import StageResult
+from metareward.stages import ActorPairsResult
+from metareward.summaries import ActorPairsSummary
 from metareward.storage import StorageError, TransientStorageError
 from tasks.reporting import PREVIEW_TEXT_CHARS, artifact_key, preview_rows, summary_markdown
 from tasks.retries import is_transient_fault, retry_on_transient_fault
@@ -119,16 +120,16 @@ def test_preview_cuts_long_texts_and_shows_arrays_and_missing_values():
 
 def test_summary_markdown_lists_counts_and_drops_by_reason():
     config = RunConfig(name="demo").for_iteration(1)
-    result = StageResult(
+    result = ActorPairsResult(
         stage="actor_pairs",
         uri="/runs/demo/iter-1/actor_pairs",
         uris={"actor_pairs": "/runs/demo/iter-1/actor_pairs"},
-        summary={"pairs": 3, "rho": 0.32, "dropped": {"equal_scores": 2, "same_text": 0}},
+        summary=ActorPairsSummary(prompts=5, pairs=3, rho=0.32, dropped={"equal_scores": 2, "same_text": 0}),
     )
     text = summary_markdown(config, result)
     assert "| pairs | 3 |" in text and "| rho | 0.32 |" in text
     assert "| equal_scores | 2 |" in text and "| same_text | 0 |" in text
-    empty = summary_markdown(config, result.model_copy(update={"summary": {"pairs": 0, "dropped": {}}}))
+    empty = summary_markdown(config, result.model_copy(update={"summary": ActorPairsSummary(prompts=5, pairs=0, rho=0.32)}))
     assert "Nothing was dropped." in empty
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metareward import stages
+from tests.fixtures import stage_calls as stages
 from metareward.checkpoints import materialize
 from metareward.schema import PAIRS_COLUMNS
 from metareward.storage import Store, read_artifact
@@ -55,11 +55,11 @@ def test_train_stage_mixes_trains_lora_and_reports(tmp_path, seed_ref):
     result = stages.train(store, config, seed_ref, actor_uri, judge_uri)
 
     summary = result.summary
-    assert summary["trained"] is True and summary["pairs"] == 4
-    assert summary["mixing"] == {"actor_available": 2, "judge_available": 2, "actor_used": 2, "judge_used": 1, "judge_left_out": 1}
-    assert summary["pairs_used_by_kind"] == {"actor": 2, "judge": 1}
-    assert summary["adapter"] == store.stage_uri(RUN, 1, "adapter")
-    assert summary["resumed_from_step"] == 0 and summary["processes"] == 1
+    assert summary.trained is True and summary.pairs == 4
+    assert summary.mixing == {"actor_available": 2, "judge_available": 2, "actor_used": 2, "judge_used": 1, "judge_left_out": 1}
+    assert summary.pairs_used_by_kind == {"actor": 2, "judge": 1}
+    assert summary.adapter.uri == store.stage_uri(RUN, 1, "adapter")
+    assert summary.resumed_from_step == 0 and summary.processes == 1
     assert result.model.uri == store.checkpoint_uri(RUN, 1) and result.model.sha256 != seed_ref.sha256
     assert (materialize(result.model).parent / "adapter" / "adapter_model.safetensors").is_file()
     metrics = read_artifact(store, result.uri)

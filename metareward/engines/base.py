@@ -57,8 +57,10 @@ class Engine(Protocol):
         seed: int = 0,
     ) -> list[Choice]:
         """Each conversation ends with a (possibly empty) assistant message; the model continues
-        that assistant text followed by `prefix` and picks one of `options`. The pick is sampled
-        from the option probabilities at `temperature` (0 = argmax), seeded by `seed`."""
+        that assistant text followed by `prefix` and picks one of `options` (the scored text is
+        `render_choice_context`'s: the prompt of that message, its text as given, `prefix`). The
+        pick is sampled from the option probabilities at `temperature` (0 = argmax), seeded by
+        `seed`."""
 
     def close(self) -> None:
         """Free the model (and its GPU memory, for GPU backends)."""

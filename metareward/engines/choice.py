@@ -32,7 +32,8 @@ def request_seed(seed: int, position: int) -> int:
 
 
 def check_open_assistant_turns(conversations: Sequence[Conversation]) -> None:
-    """`choose` continues the final assistant message of each conversation: refuse any without one."""
+    """`choose` continues the final assistant message of each conversation: refuse any without one,
+    or without a message before it (the chat template renders what precedes that message)."""
     for index, conversation in enumerate(conversations):
         if not conversation or conversation[-1].get("role") != "assistant":
             role = conversation[-1].get("role") if conversation else None
@@ -40,19 +41,30 @@ def check_open_assistant_turns(conversations: Sequence[Conversation]) -> None:
                 f"choose: conversation {index} must end with an assistant message (possibly empty) that the "
                 f"model continues; it ends with role {role!r}"
             )
+        if len(conversation) < 2:
+            raise ValueError(f"choose: conversation {index} has only the assistant message; it needs the messages it answers")
 
 
 def render_choice_context(tokenizer: Any, conversation: Conversation, prefix: str) -> str:
-    """The text the model continues in `choose`: the chat template applied to `conversation` with
-    its final assistant message left open (`continue_final_message`), followed by `prefix`."""
+    """The exact text after which `choose` scores the options, on every backend:
+
+        chat template(conversation[:-1], add_generation_prompt=True) + conversation[-1]["content"] + prefix
+
+    That is the prompt the model wrote the final assistant message after (the one `generate`
+    renders), then that message's text exactly as given, then `prefix`. `tokenizer` is a
+    transformers tokenizer with a chat template; `conversation` ends with an assistant message
+    (possibly empty) preceded by at least one message.
+
+    Not `continue_final_message`: templates that trim message content (Llama-3's `| trim`) lose
+    the rationale's trailing newline there ("...incompleteScore: " where the stored judgment
+    reads "...incomplete\nScore: 4"), and how transformers cuts the message differs between the
+    versions the environments pin.
+    """
     check_open_assistant_turns([conversation])
-    text = tokenizer.apply_chat_template(
-        [dict(message) for message in conversation],
-        tokenize=False,
-        add_generation_prompt=False,
-        continue_final_message=True,
+    head = tokenizer.apply_chat_template(
+        [dict(message) for message in conversation[:-1]], tokenize=False, add_generation_prompt=True
     )
-    return text + prefix
+    return head + conversation[-1]["content"] + prefix
 
 
 @dataclass(frozen=True)
@@ -187,8 +199,3 @@ def finish_reason(reason: str | None, where: str) -> str:
     if reason == "stop":
         return "stop"
     raise UnexpectedFinishReason(f"{where}: generation ended with finish reason {reason!r} (expected 'stop' or 'length')")
-
-
-# ---------------------------------------------------------------------------------------------
-# The parent side: a proxy that owns the child process.
-# ---------------------------------------------------------------------------------------------

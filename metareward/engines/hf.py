@@ -20,8 +20,9 @@ call on the same inputs repeats its texts exactly. `finish_reason` is "stop" whe
 its turn (an end-of-sequence token) and "length" when it hit `max_tokens`; `n_tokens` counts the
 generated tokens including that end token (as vLLM counts them).
 
-`choose`: the conversation is rendered with its final assistant message left open and `prefix`
-appended (`render_choice_context`); each option is scored as the sum of the log-probabilities of
+`choose`: the context is the prompt the final assistant message answers (the conversation before
+it, rendered with the generation prompt), that message's text as given, then `prefix`
+(`render_choice_context`); each option is scored as the sum of the log-probabilities of
 the tokens of context+option after the point where the context's and all options' tokenizations
 part (`plan_option_scoring`), so an option's probability is that of its whole text however the
 tokenizer merges it with the prefix. The scores are renormalised over the options and the pick is

@@ -14,10 +14,11 @@ applies the checkpoint's chat template; the server's prefix cache shares each pr
 samples.
 
 `choose` needs what the chat API cannot do: continue a raw prompt and return the log-probabilities
-of given tokens. The chat template is rendered here with the checkpoint's own tokenizer (final
-assistant message left open, then the prefix), the options are split into scoring steps exactly as
-in the `vllm` backend (`metareward.engines.vllm.plan_option_scoring`), and each step is one
-`/completions` request with the prompt as token ids, `max_tokens=1` and vLLM's
+of given tokens. The context is rendered here with the checkpoint's own tokenizer
+(`render_choice_context`: the prompt before the final assistant message with its generation
+prompt, that message's text as given, then the prefix), the options are split into scoring steps
+exactly as in the `vllm` backend (`metareward.engines.choice.plan_option_scoring`), and each step
+is one `/completions` request with the prompt as token ids, `max_tokens=1` and vLLM's
 `logprob_token_ids` + `return_tokens_as_token_ids`. A server without a `/completions` endpoint,
 or one that does not return those log-probabilities, makes `choose` fail with `MissingFeatureError`
 naming the missing feature; `generate` still works there.

@@ -20,10 +20,11 @@ Seeds: each conversation's request gets its own seed derived from (`Sampling.see
 the call) (`SamplingParams.seed`), so running the same shard again repeats its texts.
 
 `choose` scores every option's WHOLE text after the prefix, however the tokenizer splits it
-(`plan_option_scoring`): the chat template is rendered with the final assistant message left open,
-the prefix appended, and each option's tokens are read one step at a time with vLLM's
-`logprob_token_ids` (raw log-probabilities of chosen token ids after a prompt; steps share their
-prompt prefix, so prefix caching makes them cheap). The option log-probabilities are renormalised
+(`plan_option_scoring`): the context is `render_choice_context`'s (the prompt before the final
+assistant message with its generation prompt, that message's text as given, the prefix), and each
+option's tokens are read one step at a time with vLLM's `logprob_token_ids` (raw log-probabilities
+of chosen token ids after a prompt; steps share their prompt prefix, so prefix caching makes them
+cheap). The option log-probabilities are renormalised
 over the options and the pick is sampled at the requested temperature (`pick_option`; 0 = argmax).
 These two helpers are pure and shared with the `openai` backend.
 

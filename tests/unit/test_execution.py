@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from metareward.contract import STAGES, settings_of
 from metareward.config import ConfigError, parse_config
 from metareward.execution import (
     ExecutionError,
@@ -22,7 +23,8 @@ def test_the_local_backend_is_the_default_and_never_part_of_a_stage_key():
     assert config.execution.backend == "local"
     ray_config = parse_config({"name": "x", "execution": {"backend": "ray", "ray": {"address": "auto", "expected_gpus": 8}}})
     for stage in ("generate", "judge", "meta_judge", "train"):
-        assert config.for_iteration(1).stage_settings(stage) == ray_config.for_iteration(1).stage_settings(stage)
+        declared = STAGES[stage].settings
+        assert settings_of(declared, config.for_iteration(1)) == settings_of(declared, ray_config.for_iteration(1))
 
 
 @pytest.mark.parametrize("address", ["local", "auto", "10.0.0.5:6379", "head-0.ray.svc:6379"])
@@ -88,3 +90,17 @@ def test_engines_and_shard_advice():
     advice = shard_size_advice(RayExecutionConfig(), prompts=5000, shard_size=250, engines=8)
     assert advice is not None and "20 shards" in advice and "shard_size: 78" in advice
     assert shard_size_advice(RayExecutionConfig(), prompts=5000, shard_size=78, engines=8) is None
+
+
+def test_a_ray_run_without_the_extra_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    from flows.generation import check_execution
+
+    config = parse_config({"name": "x", "execution": {"backend": "ray"}})
+    for module in ("prefect_ray", "ray"):  # what `import` does where the extra is not installed
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)
+            with pytest.raises(ExecutionError, match=rf"backend is 'ray' but {module} is not installed.*metareward\[ray\]"):
+                check_execution(config)
+    check_execution(parse_config({"name": "x"}))  # local: nothing to check

@@ -1,15 +1,17 @@
-"""Prefect caching keyed by checkpoint hash, with the cache records kept in the run's own store.
+"""Prefect caching keyed by the stage fingerprint, with the cache records kept in the run's own store.
 
-A stage's cache key covers everything its output depends on:
+A stage task's cache key is its artifact slot and its fingerprint:
 
-    {stage}-iter-{i}-{checkpoint sha256[:16] | "nomodel"}-{digest}
+    {stage}-iter-{i}-{fingerprint}
 
-where `digest` is a sha256 over the stage's name, the iteration, the full checkpoint sha256, the
-settings the stage reads (`IterationConfig.stage_settings(stage)`: nothing else of the config), the
-keys of its upstream artifacts (`StageResult.key`, each the fingerprint in that artifact's manifest)
-and `PIPELINE_VERSION`. So re-running a finished iteration hits the cache at every stage (no model
-is loaded), changing rho changes the key of actor-pair selection and, through the upstream keys,
-of every stage after it, and a new checkpoint changes every key.
+where `fingerprint` is `metareward.contract.fingerprint` of the stage's declaration: the stage's
+settings (exactly the fields it reads), the checkpoint's sha256, the upstream stages' fingerprints
+(`StageResult.key`), the content digest of the prompt pool (`sample_prompts`), the schema and the
+pipeline version. The stage function writes that same value into its artifacts' manifests and reuses
+a complete or partly written artifact only when it matches. So re-running a finished iteration hits
+the cache at every stage (no model is loaded), changing rho changes the key of actor-pair selection
+and, through the upstream keys, of every stage after it, editing the prompt file in place changes
+every key, and a new checkpoint or pipeline version changes every key.
 
 What is cached is the task's return value, a `StageResult` (URIs, keys, a small summary): never a
 table. Prefect writes it as a small record named by the key under `{root}/{run}/cache/` in the
@@ -22,16 +24,11 @@ when a stage runs with other inputs and overwrites its artifacts, the records of
 inputs would point at data that is gone. `forget_other_records` (called by each task when it
 really runs) deletes them, so going back to the earlier settings recomputes instead of returning a
 stale result.
-
-Limits: the key of `sample_prompts` covers the prompt source's name, not the file's content; after
-editing a prompt file in place, run with `--refresh` (Prefect's `refresh_cache`), which runs every
-stage again and overwrites its record.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -42,13 +39,10 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
 from metareward.checkpoints import ModelRef
-from metareward.config import STAGE_SETTINGS, IterationConfig
-from metareward.stages import StageResult
+from metareward.config import IterationConfig
+from metareward.contract import stage_named
+from metareward.stages import StageResult, stage_fingerprint, summary_keys
 from metareward.storage import StorageConfig, Store
-
-# Bump when a stage's output changes meaning for the same inputs (new columns, a fixed bug in a
-# rule): every cache key changes with it, so nothing computed by the old code is reused.
-PIPELINE_VERSION = "metareward-pipeline-1"
 
 CACHE_DIR = "cache"
 
@@ -62,51 +56,38 @@ def _slug(text: str) -> str:
 
 def record_prefix(stage: str, iteration: int) -> str:
     """The start of every cache key of `stage` in `iteration`: one artifact slot."""
-    if stage not in STAGE_SETTINGS:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_SETTINGS)}")
-    return f"{_slug(stage)}-iter-{iteration}-"
+    return f"{_slug(stage_named(stage).name)}-iter-{iteration}-"
 
 
-def upstream_keys(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of the upstream artifacts among a task's inputs: each `StageResult` by its argument
-    name, a list of them as a list of (stage, key)."""
-    keys: dict[str, Any] = {}
+def upstream_keys(inputs: Mapping[str, Any]) -> dict[str, str]:
+    """The fingerprints of the upstream stages among a task's inputs: each `StageResult` by its
+    argument name (its role), a list of them (the summary's) by each result's stage."""
+    keys: dict[str, str] = {}
     for name, value in sorted(inputs.items()):
         if isinstance(value, StageResult):
             keys[name] = value.key
         elif isinstance(value, (list, tuple)) and value and all(isinstance(item, StageResult) for item in value):
-            keys[name] = [(item.stage, item.key) for item in value]
+            keys.update(summary_keys(value))
     return keys
 
 
 def stage_cache_key(
-    stage: str,
-    config: IterationConfig,
-    model: ModelRef | None,
-    upstream: Mapping[str, Any],
+    stage: str, storage: StorageConfig, config: IterationConfig, model: ModelRef | None, upstream: Mapping[str, str]
 ) -> str:
-    """The cache key of `stage` run with these inputs (see the module docstring)."""
-    sha256 = model.sha256 if model is not None else None
-    payload = {
-        "pipeline": PIPELINE_VERSION,
-        "stage": stage,
-        "iteration": config.iteration,
-        "checkpoint_sha256": sha256,
-        "settings": config.stage_settings(stage),
-        "upstream": dict(upstream),
-    }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-    return f"{record_prefix(stage, config.iteration)}{sha256[:16] if sha256 else 'nomodel'}-{digest[:32]}"
+    """The cache key of `stage` run with these inputs: its slot and its fingerprint (see the module docstring)."""
+    declared = stage_named(stage)
+    settings = declared.settings.of(config)
+    return record_prefix(stage, config.iteration) + stage_fingerprint(Store(storage), declared, settings, model, upstream)
 
 
 @dataclass
 class StageCachePolicy(CachePolicy):
     """Prefect cache policy of one stage's task: `stage_cache_key` of the task's inputs.
 
-    The task must take the iteration's settings as `config` (an `IterationConfig`) and, when the
-    stage uses a model, the checkpoint as `model` (a `ModelRef`); every `StageResult` argument (or
-    list of them) counts as an upstream artifact. Other arguments (the storage config) are not part
-    of the key: the records live in that storage already.
+    The task takes the run's `StorageConfig` as `storage`, the iteration's settings as `config` (an
+    `IterationConfig`) and, when the stage uses a model, the checkpoint as `model` (a `ModelRef`);
+    each `StageResult` argument is an upstream stage, its name the role it is declared with in
+    `metareward.contract` (a list of them: the summary's).
     """
 
     stage: str = ""
@@ -118,16 +99,17 @@ class StageCachePolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str:
-        config = inputs.get("config")
+        storage, config, model = inputs.get("storage"), inputs.get("config"), inputs.get("model")
+        if not isinstance(storage, StorageConfig):
+            raise TypeError(f"StageCachePolicy({self.stage!r}): 'storage' must be a StorageConfig, got {type(storage).__name__}")
         if not isinstance(config, IterationConfig):
             raise TypeError(
                 f"StageCachePolicy({self.stage!r}): the task needs an IterationConfig argument named 'config', "
                 f"got {type(config).__name__}"
             )
-        model = inputs.get("model")
         if model is not None and not isinstance(model, ModelRef):
             raise TypeError(f"StageCachePolicy({self.stage!r}): 'model' must be a ModelRef, got {type(model).__name__}")
-        return stage_cache_key(self.stage, config, model, upstream_keys(inputs))
+        return stage_cache_key(self.stage, storage, config, model, upstream_keys(inputs))
 
 
 def cache_uri(store: Store, run: str) -> str:
