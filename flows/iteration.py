@@ -69,7 +69,10 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
     prompts = runs(sample_prompts, storage, settings)
     # The engines stay loaded from generate to train: the GPUs are this flow's for that whole span.
     with hold_slots(gpu_slot_names(), f"iteration {iteration} GPU stages"):
-        generated = generation_subflow(config)(config, iteration, model, prompts, refresh)
+        # Prefect links what a subflow returns to its flow run one level deep, and a task given such an
+        # object records a `flow_run` input, which Prefect 3.9's UI cannot list (the iteration's Task
+        # Runs tab stays empty). A deep copy carries no link; the stages' fingerprints still chain them.
+        generated = generation_subflow(config)(config, iteration, model, prompts, refresh).model_copy(deep=True)
         ensure_workers_gone(config, generated)
         runs.record(generated.results, generated.states)
         responses, judgments, meta_judgments = generated.responses, generated.judgments, generated.meta_judgments
