@@ -64,8 +64,11 @@ class Driver:
     def summaries(self, timeout_s: float = RUN_TIMEOUT_S) -> dict[str, dict]:
         """The stage summaries, once the driver has exited 0 (else its log's tail in the failure)."""
         self.process.wait(timeout=timeout_s)
-        assert self.process.returncode == 0, self.config.with_suffix(".log").read_text(errors="replace")[-8000:]
+        assert self.process.returncode == 0, self.log_tail()
         return json.loads(self.config.with_suffix(".json").read_text())
+
+    def log_tail(self) -> str:
+        return self.config.with_suffix(".log").read_text(errors="replace")[-8000:]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -189,7 +192,7 @@ def test_cluster_run_with_its_worker_node_killed_gives_the_local_tables(local_ru
             and any("shard-" in path for path in store.ls(judge_shards))
             and ray_cluster.running("worker", "shard")
         ):
-            assert driver.process.poll() is None, "the driver exited before the judge stage committed a shard"
+            assert driver.process.poll() is None, "the driver exited before the judge stage committed a shard:\n" + driver.log_tail()
             assert time.monotonic() < deadline, "the judge stage never committed a shard"
             time.sleep(0.2)
         ray_cluster.kill_worker()
