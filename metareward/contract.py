@@ -57,7 +57,8 @@ from metareward.training import TrainingConfig
 # Bump when a stage's output changes meaning for the same inputs (new columns, a fixed bug in a
 # rule, other sampled texts): every fingerprint changes with it, so nothing the old code computed is
 # reused. Manifests record it; `metareward run` refuses a run stored under another version.
-PIPELINE_VERSION = "metareward-pipeline-3"
+# 4: the hf engine reads shared prefixes once (its own sampling loop: other sampled texts).
+PIPELINE_VERSION = "metareward-pipeline-4"
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -103,7 +104,8 @@ def settings_of(settings: type[S], config: BaseModel) -> S:
     return settings.model_validate(_project(settings, config))
 
 
-# What of the engine changes a text: the backend, precision, batching and the served model.
+# What of the engine changes a text: the backend, precision, batching, the hf prefix cache (its
+# sampling loop is not transformers' generate) and the served model.
 # Retries, timeouts, concurrency, memory shares and the API key's variable never do.
 EngineOutput = view(
     EngineConfig,
@@ -112,6 +114,7 @@ EngineOutput = view(
     "dtype",
     "trust_remote_code",
     "batch_size",
+    "prefix_cache",
     "tensor_parallel_size",
     "max_model_len",
     "base_url",

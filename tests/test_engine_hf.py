@@ -242,3 +242,157 @@ def test_load_engine_reuses_one_engine_until_released(seed_ref: ModelRef):
         assert reloaded is not first
     finally:
         release_engines()
+
+
+# ----------------------------------------------------------------------------------------------
+# the prefix cache: each shared token prefix read once (metareward/engines/prefix_cache.py)
+
+def _judge_prompts(pairs: list[tuple[str, str]]) -> list[list[dict[str, str]]]:
+    from metareward.prompts import JUDGE_TEMPLATE
+
+    return [[{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, response=response)}] for prompt, response in pairs]
+
+
+JUDGE_PROMPTS = _judge_prompts([
+    ("What is the capital of France?", "Paris."),
+    ("Give me three tips for learning to cook.", "Use fresh food, taste as you go, clean up."),
+    ("Why is the sky blue?", "Because air scatters blue sunlight more than red."),
+])
+OTHER_PROMPTS = _judge_prompts([("Name a colour.", "Green."), ("How do I make tea?", "Boil water, steep the leaves.")])
+
+
+def _hf(seed_dir: Path, **changes):
+    from metareward.engines.hf import HFEngine
+
+    return HFEngine(seed_dir, EngineConfig(backend="hf", device="cpu", **{"batch_size": 4, **changes}))
+
+
+def _texts(results) -> list[list[str]]:
+    return [[completion.text for completion in row] for row in results]
+
+
+@pytest.mark.model
+def test_the_prefix_cache_gives_the_plain_paths_greedy_texts_and_option_probabilities(engine, seed_dir):
+    plain = _hf(seed_dir, batch_size=2, prefix_cache=False)
+    try:
+        assert engine.prefix_cache is not None and plain.prefix_cache is None
+        greedy = Sampling(temperature=0, max_tokens=24, seed=0)
+        cached_texts, plain_texts = engine.generate(JUDGE_PROMPTS, greedy, n=2), plain.generate(JUDGE_PROMPTS, greedy, n=2)
+        assert _texts(cached_texts) == _texts(plain_texts)
+        contexts = [[*prompt, {"role": "assistant", "content": row[0].text}] for prompt, row in zip(JUDGE_PROMPTS, cached_texts)]
+        cached = engine.choose(contexts, "Score: ", SCORE_OPTIONS, temperature=0.8, seed=1)
+        direct = plain.choose(contexts, "Score: ", SCORE_OPTIONS, temperature=0.8, seed=1)
+        for with_cache, without in zip(cached, direct):
+            for option in SCORE_OPTIONS:
+                assert with_cache.probabilities[option] == pytest.approx(without.probabilities[option], abs=1e-4)
+    finally:
+        plain.close()
+
+
+@pytest.mark.model
+def test_each_shared_prefix_is_read_once_and_choose_does_not_read_the_prompt_again(seed_dir):
+    hf = _hf(seed_dir, batch_size=16)
+    try:
+        cache = hf.prefix_cache
+        prompts = [hf._encode(hf.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)) for p in JUDGE_PROMPTS]
+        block = cache.block_tokens
+        blocks = {tuple(ids[:end]) for ids in prompts for end in range(block, cache.cached_length(len(ids)) + 1, block)}
+        shared = min(_common(prompts[0], ids) for ids in prompts[1:]) // block
+        assert shared >= 8  # the rubric: at least 8 blocks every judge prompt shares
+
+        results = hf.generate(JUDGE_PROMPTS, Sampling(temperature=0.8, top_p=0.95, max_tokens=16, seed=3), n=3)
+        # every block computed once, the rubric's shared by all three prompts; each prompt's tail
+        # read once for its 3 samples
+        assert cache.misses == len(blocks) and cache.hits == (len(JUDGE_PROMPTS) - 1) * shared
+        assert cache.tail_tokens == sum(len(ids) - cache.cached_length(len(ids)) for ids in prompts)
+
+        misses, tail_tokens = cache.misses, cache.tail_tokens
+        contexts = [[*prompt, {"role": "assistant", "content": row[0].text}] for prompt, row in zip(JUDGE_PROMPTS, results)]
+        hf.choose(contexts, "Score: ", SCORE_OPTIONS, temperature=0)
+        # only what follows the prompt's cached blocks is read: its last partial block, the rationale, the prefix
+        read = cache.tail_tokens - tail_tokens + (cache.misses - misses) * block
+        assert read <= sum(block + row[0].n_tokens + 8 for row in results)
+    finally:
+        hf.close()
+    assert hf.prefix_cache is None  # gone with the engine
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((position for position, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.model
+def test_sampled_texts_are_the_same_with_a_warm_a_cold_or_an_evicting_cache(seed_dir):
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=16, seed=5)
+    outcomes = []
+    for cache_mib, warm_up in ((512, True), (512, False), (1, True)):  # 1 MiB holds less than one block
+        hf = _hf(seed_dir, prefix_cache_mib=cache_mib)
+        try:
+            if warm_up:
+                hf.generate(OTHER_PROMPTS + JUDGE_PROMPTS[:1], sampling, n=2)
+            outcomes.append(_texts(hf.generate(JUDGE_PROMPTS, sampling, n=3)))
+            if cache_mib == 1:
+                assert hf.prefix_cache.bytes <= 1 << 20
+        finally:
+            hf.close()
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert len({text for row in outcomes[0] for text in row}) > 3  # real samples, not one text copied
+
+
+TINY_MODELS = {
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=2048)),
+    "mistral-sliding-window": (
+        "MistralConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(seed_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised two-layer models with the embedded tokenizer (its chat template), saved
+    as safetensors. A wide initialisation makes their next tokens clear winners, not near-ties."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(seed_dir)
+    folders = {}
+    for name, (config_class, shape) in TINY_MODELS.items():
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer), max_position_embeddings=2048, initializer_range=0.5,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape,
+        )
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tiny_models_share_prefixes_where_every_layer_is_full_attention(name, tiny_models, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="metareward.engines.hf")
+    cached, plain = _hf(tiny_models[name]), _hf(tiny_models[name], prefix_cache=False)
+    try:
+        sliding = name.endswith("sliding-window")
+        assert (cached.prefix_cache is None) == sliding
+        if sliding:
+            assert "prefix cache off" in caplog.text and "DynamicSlidingWindowLayer" in caplog.text
+        greedy = Sampling(temperature=0, max_tokens=12, seed=0)
+        assert _texts(cached.generate(JUDGE_PROMPTS, greedy, n=1)) == _texts(plain.generate(JUDGE_PROMPTS, greedy, n=1))
+        contexts = [[*prompt, {"role": "assistant", "content": "Fine.\n"}] for prompt in JUDGE_PROMPTS]
+        for with_cache, without in zip(
+            cached.choose(contexts, "Score: ", SCORE_OPTIONS, temperature=0), plain.choose(contexts, "Score: ", SCORE_OPTIONS, temperature=0)
+        ):
+            for option in SCORE_OPTIONS:
+                assert with_cache.probabilities[option] == pytest.approx(without.probabilities[option], abs=1e-4)
+        if not sliding:
+            assert cached.prefix_cache.hits > 0
+    finally:
+        cached.close()
+        plain.close()

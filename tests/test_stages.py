@@ -17,6 +17,7 @@ import pytest
 
 from tests.fixtures import stage_calls as stages
 from metareward.config import parse_config
+from metareward.engines import release_engines
 from metareward.parsing import parse_score
 from metareward.schema import (
     ELO_COLUMNS,
@@ -252,6 +253,9 @@ def test_a_judge_stage_stopped_after_one_shard_resumes_to_the_same_table(tiny_ru
     shard_files = [uri.rsplit("/", 1)[-1] for uri in store.ls(store.join(judgments_uri, "shards"))]
     assert sorted(shard_files) == ["plan.json", "shard-00000.parquet"]
 
+    # A fresh engine, as a resumed process has: its prefix cache is cold where the uninterrupted run's
+    # was warm (the rubric read by earlier shards), and the table must not change with it.
+    release_engines()
     resumed = stages.judge(store, config, seed_ref, prompts_uri, responses_uri)
     assert resumed.summary.shards_computed == 1
     assert resumed.key == tiny_run["results"]["judge"].key

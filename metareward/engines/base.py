@@ -77,6 +77,12 @@ class EngineConfig(BaseModel):
         trust_remote_code: off by default; only for checkpoints whose code you have read.
     hf
         batch_size: sequences per forward pass (batches never cross a shard).
+        prefix_cache: read each shared token prefix once (`metareward.engines.prefix_cache`): the
+            rubric of every judge prompt, the n samples of one prompt, the prompt a forced verdict
+            continues. Off: every prompt is read in full (the engine before the cache; sampled
+            texts differ between the two, greedy ones agree).
+        prefix_cache_mib: the cache's memory bound; least recently used blocks go first. It never
+            changes a result: a block is computed the same way whether it was evicted or not.
     vllm
         tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager
         (True on CPU: 40 s start instead of 200 s), enable_prefix_caching, cpu_kvcache_gib.
@@ -98,6 +104,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     trust_remote_code: bool = False
     batch_size: int = Field(default=8, ge=1)
+    prefix_cache: bool = True
+    prefix_cache_mib: int = Field(default=512, ge=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=64)

@@ -46,6 +46,7 @@ import torch
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
 from metareward.engines.choice import check_choose_arguments, pick_option, plan_option_scoring, render_choice_context
+from metareward.engines.prefix_cache import PrefixCache, supports
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,14 @@ class HFEngine:
         )
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         logger.info("hf engine: %s on %s (%s)", self.model_dir, self.device, self.model.dtype)
+        self.prefix_cache: PrefixCache | None = None
+        if config.prefix_cache:
+            usable, layers = supports(self.model)
+            if usable:
+                self.prefix_cache = PrefixCache(self.model, config.prefix_cache_mib << 20)
+                logger.info("hf engine: prefix cache on (blocks of %d tokens, at most %d MiB)", self.prefix_cache.block_tokens, config.prefix_cache_mib)
+            else:
+                logger.warning("hf engine: prefix cache off for %s: %s; every prompt is read in full", self.model_dir, layers)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -191,13 +200,57 @@ class HFEngine:
             with torch.random.fork_rng(devices=self._rng_devices()), torch.inference_mode():
                 torch.manual_seed(sampling.seed)
                 for batch in _batches(sequences, self.config.batch_size):
-                    input_ids, attention_mask = self._left_pad([prompts[index] for index, _ in batch])
-                    output = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
-                    )
-                    for item, tokens in zip(batch, output[:, input_ids.shape[1] :].tolist()):
+                    if self.prefix_cache is None:
+                        input_ids, attention_mask = self._left_pad([prompts[index] for index, _ in batch])
+                        output = self.model.generate(
+                            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                        )
+                        generated = output[:, input_ids.shape[1] :].tolist()
+                    else:
+                        generated = self._generate_from_prefixes([prompts[index] for index, _ in batch], sampling, greedy)
+                    for item, tokens in zip(batch, generated):
                         results[item] = self._completion(tokens)
         return [[results[(index, 0 if greedy else sample)] for sample in range(n)] for index in range(len(prompts))]
+
+    def _generate_from_prefixes(self, prompts: list[list[int]], sampling: Sampling, greedy: bool) -> list[list[int]]:
+        """One batch through the prefix cache: each distinct prompt read once (its cached blocks,
+        then its tail), its rows decoded together. Sampling as `generate` does it (temperature,
+        then top-p, from the seeded random state); the tokens after a row's end are padding."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        distinct = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
+        state = self.prefix_cache.prefill([list(prompt) for prompt in distinct], self.pad_token_id)
+        rows = torch.tensor([distinct.index(tuple(prompt)) for prompt in prompts], device=self.device)
+        cache, logits = state.cache, state.logits[rows]
+        cache.reorder_cache(rows)  # a row per sample: the n samples of a prompt share its one prefill
+        attention_mask, positions = state.attention_mask[rows], state.next_positions[rows]
+        warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
+        eos = torch.tensor(self.eos_token_ids, device=self.device)
+        unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+        tokens = []
+        for step in range(sampling.max_tokens):
+            if greedy:
+                next_tokens = logits.argmax(dim=-1)
+            else:
+                for warper in warpers:
+                    logits = warper(None, logits)
+                next_tokens = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+            next_tokens = torch.where(unfinished, next_tokens, self.pad_token_id)
+            tokens.append(next_tokens)
+            unfinished &= ~torch.isin(next_tokens, eos)
+            if step == sampling.max_tokens - 1 or not unfinished.any():
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1)
+            logits = self.model(
+                input_ids=next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :].float()
+            positions = positions + 1
+        return torch.stack(tokens, dim=1).tolist()
 
     def choose(
         self,
@@ -234,12 +287,15 @@ class HFEngine:
         results: list[dict[int, float]] = [{} for _ in prompts]
         with torch.inference_mode():
             for batch in _batches(order, self.config.batch_size):
-                input_ids, attention_mask = self._left_pad([prompts[index] for index in batch])
-                # Left padding: positions count real tokens only, so padding does not shift them.
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
-                ).logits[:, -1, :]
+                if self.prefix_cache is None:
+                    input_ids, attention_mask = self._left_pad([prompts[index] for index in batch])
+                    # Left padding: positions count real tokens only, so padding does not shift them.
+                    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+                    ).logits[:, -1, :]
+                else:
+                    logits = self.prefix_cache.prefill([prompts[index] for index in batch], self.pad_token_id).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, index in enumerate(batch):
                     results[index] = {token: float(logprobs[row, token]) for token in reads[index]}
@@ -251,6 +307,9 @@ class HFEngine:
             if self.model is None:
                 return
             self.model = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+                self.prefix_cache = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

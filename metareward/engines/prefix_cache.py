@@ -1,0 +1,171 @@
+"""A prefix KV cache for the `hf` engine: each shared token-id prefix is read once.
+
+Token sequences are cut into blocks of `BLOCK_TOKENS` ids, as vLLM's automatic prefix caching cuts
+them. The keys and values of a block are kept under the token ids from the sequence's start to the
+block's end, so two sequences share exactly the blocks of their longest common block-aligned prefix:
+the rubric that opens every judge prompt, one conversation's n samples, the prompt and rationale a
+forced verdict continues after `generate` read the prompt. Blocks stay across calls of one engine,
+are evicted least recently used first once they hold more than `max_bytes`, and go with the engine.
+
+A block's keys and values always come from the same computation, hit or miss: one forward pass of
+that block alone (batch 1, no padding) over its own prefix's cached blocks. So a run that finds a
+block cached (warm) and one that computes it (cold, a resumed shard in a fresh process) read the
+same numbers, and eviction never changes a result.
+
+`prefill` runs the part of each sequence after its cached blocks (at least its last token) for a
+batch: the cached blocks are left-padded to the batch's longest, the uncached tails left-padded
+after them, so the padding sits between each row's cached prefix and its tail (attention mask 0
+there) and positions count real tokens only.
+
+Only models whose cache layers are all full attention can share blocks this way (`supports`);
+sliding-window and other cache types keep the engine's plain path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# The block size: vLLM's default is 16; 32 halves the single-block forward passes on a CPU while
+# still sharing all but the last few tokens of a prefix. Changing it changes the sums a KV comes
+# from, so it is a code constant (with the pipeline version), not a setting.
+BLOCK_TOKENS = 32
+
+
+def supports(model: Any) -> tuple[bool, str]:
+    """Whether `model`'s cache layers are all full attention (the blocks of one sequence can then
+    be computed apart and put back together), and what its cache layers are when not."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as error:  # a cache the generic DynamicCache cannot describe
+        return False, f"its cache cannot be built generically ({type(error).__name__}: {error})"
+    kinds = sorted({type(layer).__name__ for layer in layers})
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        return True, "full attention"
+    return False, f"its cache layers are {', '.join(kinds) or 'none'}, not all full attention"
+
+
+def _size(block: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(keys.numel() * keys.element_size() + values.numel() * values.element_size() for keys, values in block)
+
+
+@dataclass
+class Prefill:
+    """A batch after its prefill: the next-token logits of each row's last token, and the state
+    decoding goes on from (the model's cache, the attention mask over it, each row's next position)."""
+
+    logits: torch.Tensor  # [rows, vocab], float32
+    cache: Any  # a transformers DynamicCache
+    attention_mask: torch.Tensor  # [rows, cached + tail width]
+    next_positions: torch.Tensor  # [rows]
+
+
+class PrefixCache:
+    """Blocks of keys and values by token-id prefix, for one model (see the module docstring)."""
+
+    def __init__(self, model: Any, max_bytes: int, block_tokens: int = BLOCK_TOKENS):
+        self.model = model
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self._blocks: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0  # blocks found / computed
+        self.tail_tokens = 0  # tokens read by `prefill` after the cached blocks
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.bytes = 0
+
+    def cached_length(self, length: int) -> int:
+        """How many leading tokens of a `length`-token sequence come from blocks: whole blocks
+        only, and never the last token (its logits are what a caller reads)."""
+        return (max(length - 1, 0) // self.block_tokens) * self.block_tokens
+
+    def _cache_from(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else DynamicCache(config=self.model.config)
+
+    def _prefix(self, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The length of `ids`' cached part and its keys and values per layer ([1, heads, length,
+        head dim]), block by block: a block found is appended, a missing one is computed by one
+        forward pass over the blocks before it (and kept)."""
+        device = self.model.device
+        cache = self._cache_from(None)
+        length = self.cached_length(len(ids))
+        for end in range(self.block_tokens, length + 1, self.block_tokens):
+            key, start = tuple(ids[:end]), end - self.block_tokens
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+                self.hits += 1
+                for layer, (keys, values) in zip(cache.layers, block):
+                    layer.update(keys, values)
+                continue
+            self.model(
+                input_ids=torch.tensor([ids[start:end]], device=device),
+                position_ids=torch.arange(start, end, device=device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            block = [(layer.keys[:, :, start:end].clone(), layer.values[:, :, start:end].clone()) for layer in cache.layers]
+            self._blocks[key] = block
+            self.bytes += _size(block)
+            self.misses += 1
+        return length, [(layer.keys, layer.values) for layer in cache.layers] if length else []
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and self._blocks:
+            _, block = self._blocks.popitem(last=False)
+            self.bytes -= _size(block)
+
+    def prefill(self, sequences: list[list[int]], pad_token_id: int) -> Prefill:
+        """Read a batch of token sequences: cached blocks from the cache (computed where missing),
+        the tails in one batched forward pass. Returns the last token's logits and the decoding state."""
+        device = self.model.device
+        prefixes = [self._prefix(ids) for ids in sequences]
+        cached = [length for length, _ in prefixes]
+        tails = [ids[length:] for ids, length in zip(sequences, cached)]
+        width_cached, width_tail = max(cached), max(len(tail) for tail in tails)
+        rows = len(sequences)
+        past = None
+        if width_cached:
+            reference = next(layers for _, layers in prefixes if layers)
+            past = []
+            for layer, (key, value) in enumerate(reference):
+                shape = (rows, key.shape[1], width_cached, key.shape[3])
+                keys, values = key.new_zeros(shape), value.new_zeros(shape)
+                for row, (length, layers) in enumerate(prefixes):
+                    if length:
+                        keys[row, :, width_cached - length :] = layers[layer][0][0]
+                        values[row, :, width_cached - length :] = layers[layer][1][0]
+                past.append((keys, values))
+        self._evict()
+        input_ids = torch.full((rows, width_tail), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width_cached + width_tail), dtype=torch.long)
+        position_ids = torch.zeros((rows, width_tail), dtype=torch.long)
+        for row, (length, tail) in enumerate(zip(cached, tails)):
+            input_ids[row, width_tail - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            attention_mask[row, width_cached - length : width_cached] = 1
+            attention_mask[row, width_cached + width_tail - len(tail) :] = 1
+            position_ids[row, width_tail - len(tail) :] = torch.arange(length, length + len(tail))
+        self.tail_tokens += sum(len(tail) for tail in tails)
+        cache = self._cache_from(past)
+        attention_mask = attention_mask.to(device)
+        output = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask,
+            position_ids=position_ids.to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_positions = torch.tensor([len(ids) for ids in sequences], device=device)
+        return Prefill(output.logits[:, -1, :].float(), output.past_key_values, attention_mask, next_positions)
