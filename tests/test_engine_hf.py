@@ -323,20 +323,20 @@ def _common(a: list[int], b: list[int]) -> int:
 
 @pytest.mark.model
 def test_sampled_texts_are_the_same_with_a_warm_a_cold_or_an_evicting_cache(seed_dir):
-    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=16, seed=5)
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=8, seed=5)
     outcomes = []
     for cache_mib, warm_up in ((512, True), (512, False), (1, True)):  # 1 MiB holds less than one block
         hf = _hf(seed_dir, prefix_cache_mib=cache_mib)
         try:
             if warm_up:
-                hf.generate(OTHER_PROMPTS + JUDGE_PROMPTS[:1], sampling, n=2)
-            outcomes.append(_texts(hf.generate(JUDGE_PROMPTS, sampling, n=3)))
+                hf.generate(OTHER_PROMPTS[:1] + JUDGE_PROMPTS[:1], Sampling(max_tokens=1), n=1)
+            outcomes.append(_texts(hf.generate(JUDGE_PROMPTS[:2], sampling, n=3)))
             if cache_mib == 1:
                 assert hf.prefix_cache.bytes <= 1 << 20
         finally:
             hf.close()
     assert outcomes[0] == outcomes[1] == outcomes[2]
-    assert len({text for row in outcomes[0] for text in row}) > 3  # real samples, not one text copied
+    assert len({text for row in outcomes[0] for text in row}) > 2  # real samples, not one text copied
 
 
 TINY_MODELS = {
