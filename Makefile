@@ -7,7 +7,7 @@ BASE_CONSTRAINTS := configs/constraints/base.txt
 # One cache for the converted seed model (and remote checkpoints), shared by both environments' test runs.
 export METAREWARD_CACHE ?= $(CURDIR)/.cache/metareward
 
-.PHONY: install test test-base test-vllm venv-gpu demo clean serve browser
+.PHONY: install test test-base test-vllm test-vllm-flow venv-gpu demo clean serve browser
 
 $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 
 install: $(VENV)/.installed
 
-test: test-base test-vllm
+test: test-base test-vllm test-vllm-flow
 
 test-base: install browser
 	# The slowest tests and their set-up times close the log: the CI-time targets are tracked there.
-	$(VENV)/bin/python -m pytest -m "not vllm" --durations=25
+	$(VENV)/bin/python -m pytest -m "not vllm and not vllm_flow" --durations=25
 
 demo: install
 	$(VENV)/bin/metareward run configs/demo.yaml
@@ -72,6 +72,10 @@ $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_CONSTRAINTS)
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -m vllm $(VLLM_TESTS)
+
+# The GPU user's path on the CPU: one iteration in the base environment whose engine runs on .venv-vllm.
+test-vllm-flow: install $(VLLM_VENV)/.installed
+	$(VENV)/bin/python -m pytest -m vllm_flow --durations=5
 
 # The vLLM environment for a CUDA machine: vllm 0.33 (pins torch 2.14.0, transformers <5.21) and this
 # project without its dependencies (see pyproject.toml for why). Point `engine.python` at .venv-gpu/bin/python.
