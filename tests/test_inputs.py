@@ -17,7 +17,7 @@ from metareward.inputs import InputError, check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-# What the CLI prints once it reaches Prefect (metareward.cli._prepare_prefect): a refusal comes first.
+# What the CLI prints once it reaches Prefect (metareward.cli.application._prepare_prefect): a refusal comes first.
 PREFECT_REACHED = ("temporary local API", "Prefect API:")
 
 

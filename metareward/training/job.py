@@ -44,7 +44,7 @@ weights to give the full checkpoint M_i.
 Processes (`num_processes`): 1 trains in this process. More start ONE child process group,
 `accelerate launch` with the shipped config `configs/accelerate/{distributed}.yaml` (resolved
 from the repository checkout: the package is installed editable), each rank running
-`python -m metareward.train_worker JOB` on a job spec file written by the parent. On a machine
+`python -m metareward.training.worker JOB` on a job spec file written by the parent. On a machine
 without CUDA the ranks use `use_cpu` and the gloo backend. The main rank writes the model to a
 local folder; the parent saves it with `save_checkpoint`. The group dies with the parent:
 PR_SET_PDEATHSIG on the launcher and every rank, and the parent kills the group on any exception
@@ -53,7 +53,7 @@ PR_SET_PDEATHSIG on the launcher and every rank, and the parent kills the group 
 Ray Train (`launcher: ray_train`): `num_processes` Ray Train workers (`TorchTrainer`, DDP) on the
 cluster of `execution.ray` (`metareward.execution.connected`), one GPU each (nccl), or CPU workers
 (gloo) when `execution.ray.gpus_per_engine` is 0, `cpus_per_engine` CPUs each. Each worker runs
-`metareward.train_worker.train_loop_per_worker`: the node's first worker materializes the base and
+`metareward.training.worker.train_loop_per_worker`: the node's first worker materializes the base and
 writes the examples into a scratch folder of its node, then every worker runs `run_job`, the same
 function the accelerate ranks run (Ray Train has set up torch.distributed and RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR; accelerate and TRL take them from there). Rank 0 saves M_i (and the
@@ -133,7 +133,7 @@ TEXT_COLUMNS = (PROMPT, CHOSEN, REJECTED)
 DROP_REASONS = ("empty_text", "identical", "prompt_too_long", "too_long")
 DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
 # The shipped accelerate config files (`configs/accelerate/{mode}.yaml`), from the repository checkout.
-ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 # Written last into an uploaded trainer checkpoint: a checkpoint without it is incomplete.
 STATE_COMPLETE_MARKER = "complete"
 STATE_JOB_FILE = "job.json"
@@ -717,7 +717,7 @@ def _free_port() -> int:
 
 
 def launch_command(job_path: Path, config: TrainingConfig) -> list[str]:
-    """`accelerate launch` of `metareward.train_worker` on `job_path` with the shipped config."""
+    """`accelerate launch` of `metareward.training.worker` on `job_path` with the shipped config."""
     import torch
 
     if not torch.cuda.is_available() and config.distributed != "ddp":
@@ -727,7 +727,7 @@ def launch_command(job_path: Path, config: TrainingConfig) -> list[str]:
         "--config_file", str(accelerate_config_file(config.distributed)),
         "--num_processes", str(config.num_processes),
         "--main_process_port", str(_free_port()),
-        "--module", "metareward.train_worker", str(job_path),
+        "--module", "metareward.training.worker", str(job_path),
     ]  # fmt: skip
 
 
@@ -1097,7 +1097,7 @@ def run_ray_train(spec: RayTrainSpec, ray: RayExecutionConfig, storage_dir: Path
     from ray.util.queue import Empty, Queue
 
     from metareward.execution import connected
-    from metareward.train_worker import train_loop_per_worker
+    from metareward.training.worker import train_loop_per_worker
 
     gpu_workers = ray.gpus_per_engine > 0
     resources = {"CPU": ray.cpus_per_engine} | ({"GPU": 1} if gpu_workers else {})

@@ -1,7 +1,7 @@
 """One rank of a multi-process training run, started by `accelerate launch` or by Ray Train; both
 run `metareward.training.run_job`, the function a one-process run calls in its own process.
 
-`python -m metareward.train_worker JOB_JSON`: a rank under `accelerate launch`, in the child process
+`python -m metareward.training.worker JOB_JSON`: a rank under `accelerate launch`, in the child process
 group that `metareward.training.run_child` starts; reads the `TrainJob` spec file the parent wrote.
 Each rank dies with the process that started it (PR_SET_PDEATHSIG, Linux): the parent's death kills
 the launcher, the launcher's death kills the ranks, so no rank outlives the pipeline.
@@ -24,8 +24,8 @@ from metareward.processes import die_with_parent
 def main(argv: list[str]) -> None:
     die_with_parent()
     if len(argv) != 1:
-        raise SystemExit("usage: python -m metareward.train_worker JOB_JSON")
-    from metareward.training import TrainJob, run_job
+        raise SystemExit("usage: python -m metareward.training.worker JOB_JSON")
+    from metareward.training.job import TrainJob, run_job
 
     job = TrainJob.read(argv[0])
     fs = None
@@ -47,7 +47,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from metareward.checkpoints import materialize
-    from metareward.training import TrainJob, local_job, resolve_precision, run_job, save_outputs
+    from metareward.training.job import TrainJob, local_job, resolve_precision, run_job, save_outputs
 
     spec = loop_config["spec"]
     context = ray.train.get_context()

@@ -1,0 +1,5 @@
+"""`python -m metareward.cli`: the `metareward` command."""
+
+from metareward.cli import app
+
+app()
