@@ -1,13 +1,14 @@
 """One rank of a multi-process training run, started by `accelerate launch` or by Ray Train; both
-run `metareward.training.run_job`, the function a one-process run calls in its own process.
+run `metareward.training.job.run_job`, the function a one-process run calls in its own process.
 
-`python -m metareward.training.worker JOB_JSON`: a rank under `accelerate launch`, in the child process
-group that `metareward.training.run_child` starts; reads the `TrainJob` spec file the parent wrote.
-Each rank dies with the process that started it (PR_SET_PDEATHSIG, Linux): the parent's death kills
-the launcher, the launcher's death kills the ranks, so no rank outlives the pipeline.
+`python -m metareward.training.worker JOB_JSON`: a rank under `accelerate launch`, in the child
+process group that `metareward.training.accelerate_launch.run_child` starts; reads the `TrainJob`
+spec file the parent wrote. Each rank dies with the process that started it (PR_SET_PDEATHSIG,
+Linux): the parent's death kills the launcher, the launcher's death kills the ranks, so no rank
+outlives the pipeline.
 
-`train_loop_per_worker`: a Ray Train worker (`metareward.training.run_ray_train`); Ray ends the
-workers with the driver that owns them.
+`train_loop_per_worker`: a Ray Train worker (`metareward.training.ray_train.run_ray_train`); Ray
+ends the workers with the driver that owns them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from metareward.checkpoints import materialize
-    from metareward.training.job import TrainJob, local_job, resolve_precision, run_job, save_outputs
+    from metareward.training.config import resolve_precision
+    from metareward.training.job import TrainJob, local_job, run_job, save_outputs
 
     spec = loop_config["spec"]
     context = ray.train.get_context()
