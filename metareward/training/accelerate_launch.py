@@ -25,7 +25,6 @@ from metareward.training.job import TrainJob
 logger = logging.getLogger(__name__)
 
 
-DISTRIBUTED_MODES = ("ddp", "fsdp", "deepspeed")
 # The shipped accelerate config files (`configs/accelerate/{mode}.yaml`), from the repository checkout.
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
