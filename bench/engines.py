@@ -179,10 +179,9 @@ class DemoInputs:
 
 def demo_inputs(config_path: Path, model_ref, device: str) -> DemoInputs:
     run_config = load_config(config_path)
-    root = tempfile.mkdtemp(prefix="bench-engines-")
-    config = run_config.model_copy(update={"storage": StorageConfig(root=root)}).for_iteration(1)
+    store = Store(StorageConfig(root=tempfile.mkdtemp(prefix="bench-engines-")))
+    config = run_config.for_iteration(1)
     config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": device, "prefix_cache": False})})
-    store = Store(config.storage)
     prompts = stages.sample_prompts(store, config.run, contract.SamplePromptsSettings.of(config))
     responses = stages.generate(store, config.run, contract.GenerateSettings.of(config), config.engine, model_ref, prompts.uri)
     judgments = stages.judge(
