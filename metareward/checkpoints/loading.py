@@ -32,7 +32,7 @@ from metareward.checkpoints.ref import (
     cache_root,
     _is_local_uri,
     _local_path,
-    _remote_fs,
+    filesystem_and_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def save_checkpoint(
         logger.info("saved checkpoint %s (sha256 %s)", destination, sha256)
         return ModelRef(uri=str(destination), sha256=sha256)
 
-    remote_fs, remote_root = _remote_fs(dest_uri, fs)
+    remote_fs, remote_root = filesystem_and_path(dest_uri, fs)
     with tempfile.TemporaryDirectory(prefix="metareward-save-") as scratch:
         staging = Path(scratch) / "checkpoint"
         sha256 = _write_folder(model, tokenizer, staging, source)
@@ -112,7 +112,7 @@ def publish_checkpoint(ref: ModelRef, dest_uri: str, fs: fsspec.AbstractFileSyst
         return ref
     folder = _local_path(ref.uri)
     _verify_local(folder, ref.sha256)
-    remote_fs, remote_root = _remote_fs(dest_uri, fs)
+    remote_fs, remote_root = filesystem_and_path(dest_uri, fs)
     manifest_key = f"{remote_root}/{MANIFEST_NAME}"
     if not (remote_fs.exists(manifest_key) and _read_manifest(remote_fs.cat_file(manifest_key), manifest_key).get("sha256") == ref.sha256):
         _upload(folder, remote_fs, remote_root)
@@ -166,7 +166,7 @@ def materialize(
             logger.warning("cached copy of %s is damaged (%s); downloading it again", ref.uri, error)
             shutil.rmtree(cached, ignore_errors=True)
 
-    remote_fs, remote_root = _remote_fs(ref.uri, fs)
+    remote_fs, remote_root = filesystem_and_path(ref.uri, fs)
     try:
         manifest_bytes = remote_fs.cat_file(f"{remote_root}/{MANIFEST_NAME}")
     except FileNotFoundError as error:

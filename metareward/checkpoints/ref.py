@@ -68,11 +68,11 @@ def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://")).expanduser().absolute()
 
 
-def _remote_fs(uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_and_path(uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it of a remote `uri` (`fs` as given, else from the URL)."""
     if fs is None:
         return fsspec.core.url_to_fs(uri)
-    return fs, fs._strip_protocol(uri).rstrip("/")
+    return fs, fsspec.core.strip_protocol(uri).rstrip("/")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

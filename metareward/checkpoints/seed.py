@@ -24,7 +24,7 @@ from metareward.checkpoints.ref import (
     ModelRef,
     cache_root,
     _local_path,
-    _remote_fs,
+    filesystem_and_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def resolve_model(
     if spec == "embedded":
         return seed_model(cache_dir)
     if "://" in spec and not spec.startswith("file://"):
-        remote_fs, remote_root = _remote_fs(spec, fs)
+        remote_fs, remote_root = filesystem_and_path(spec, fs)
         try:
             manifest = _read_manifest(remote_fs.cat_file(f"{remote_root}/{MANIFEST_NAME}"), spec)
         except FileNotFoundError as error:

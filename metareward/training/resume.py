@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metareward.checkpoints import ModelRef
+from metareward.checkpoints.ref import filesystem_and_path
 from metareward.training.config import TrainingConfig
 
 if TYPE_CHECKING:
@@ -28,14 +29,6 @@ logger = logging.getLogger(__name__)
 # Written last into an uploaded trainer checkpoint: a checkpoint without it is incomplete.
 STATE_COMPLETE_MARKER = "complete"
 STATE_JOB_FILE = "job.json"
-
-
-def _state_fs(state_uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    import fsspec.core
-
-    if fs is not None:
-        return fs, fs._strip_protocol(state_uri)
-    return fsspec.core.url_to_fs(state_uri)
 
 
 def _upload_callback(state_uri: str, fs: fsspec.AbstractFileSystem | None) -> Any:
@@ -50,7 +43,7 @@ def _upload_callback(state_uri: str, fs: fsspec.AbstractFileSystem | None) -> An
             PartialState().wait_for_everyone()
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
-                remote_fs, root = _state_fs(state_uri, fs)
+                remote_fs, root = filesystem_and_path(state_uri, fs)
                 target = f"{root}/{name}"
                 remote_fs.put(str(Path(args.output_dir) / name), target, recursive=True)
                 remote_fs.pipe_file(f"{target}/{STATE_COMPLETE_MARKER}", b"")
@@ -78,7 +71,7 @@ def _find_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, fingerpri
     """The location of the newest complete trainer checkpoint under `state_uri` made for the same
     job (`fingerprint`), or None; state left by another job is removed and this job's fingerprint
     written."""
-    remote_fs, root = _state_fs(state_uri, fs)
+    remote_fs, root = filesystem_and_path(state_uri, fs)
     remote_fs.invalidate_cache(root)
     job_key = f"{root}/{STATE_JOB_FILE}"
     if remote_fs.exists(job_key) and json.loads(remote_fs.cat_file(job_key)).get("fingerprint") == fingerprint:
@@ -102,7 +95,7 @@ def _find_resume(state_uri: str, fs: fsspec.AbstractFileSystem | None, fingerpri
 
 def _download_state(resume_uri: str, state_uri: str, fs: fsspec.AbstractFileSystem | None, local_dir: Path) -> str:
     """A local copy of the trainer checkpoint `resume_uri` (found by `_find_resume`) in `local_dir`."""
-    remote_fs, _ = _state_fs(state_uri, fs)
+    remote_fs, _ = filesystem_and_path(state_uri, fs)
     local = local_dir / resume_uri.rsplit("/", 1)[-1]
     remote_fs.get(resume_uri, str(local), recursive=True)
     return str(local)

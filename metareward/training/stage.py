@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from metareward.checkpoints import ModelRef, materialize
+from metareward.checkpoints.ref import filesystem_and_path
 from metareward.schema import KIND, KIND_ACTOR, KIND_JUDGE
 from metareward.training.accelerate_launch import run_child
 from metareward.training.config import TrainingConfig, resolve_precision
@@ -27,7 +28,7 @@ from metareward.training.ray_train import (
     require_ray_train,
     run_ray_train,
 )
-from metareward.training.resume import _checkpoint_step, _find_resume, _job_fingerprint, _state_fs
+from metareward.training.resume import _checkpoint_step, _find_resume, _job_fingerprint
 
 if TYPE_CHECKING:
     import fsspec
@@ -207,7 +208,7 @@ def train_dpo(
                 run_child(job, scratch_dir, config)
             outcome = save_outputs(job, source, output_uri, adapter_uri, fs)
     if keep_state:
-        remote_fs, root = _state_fs(state_uri, fs)
+        remote_fs, root = filesystem_and_path(state_uri, fs)
         if remote_fs.exists(root):
             remote_fs.rm(root, recursive=True)
     logger.info("saved %s (sha256 %s)", outcome.model.uri, outcome.model.sha256)
