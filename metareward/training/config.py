@@ -165,16 +165,19 @@ class TrainingConfig(BaseModel):
         return self
 
 
+def choose_precision(precision: str, bf16_available: bool, bf16_needs: str) -> str:
+    """'bf16' or 'fp32' for `TrainingConfig.precision` where bf16 is (or is not) available: `auto`
+    picks bf16 where it is; `bf16` where it is not is refused, `bf16_needs` saying what it needs."""
+    if precision == "auto":
+        return "bf16" if bf16_available else "fp32"
+    if precision == "bf16" and not bf16_available:
+        raise ValueError(f"{bf16_needs}; use precision 'auto' or 'fp32'")
+    return precision
+
+
 def resolve_precision(precision: str) -> str:
     """'bf16' or 'fp32' for `TrainingConfig.precision` on this machine."""
     import torch
 
     bf16_available = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        return "bf16" if bf16_available else "fp32"
-    if precision == "bf16" and not bf16_available:
-        raise ValueError(
-            "precision 'bf16' needs a CUDA GPU with bf16 support and this machine has none; "
-            "use precision 'auto' or 'fp32'"
-        )
-    return precision
+    return choose_precision(precision, bf16_available, "precision 'bf16' needs a CUDA GPU with bf16 support and this machine has none")

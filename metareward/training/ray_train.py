@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metareward.checkpoints import ModelRef
-from metareward.training.config import TrainingConfig
+from metareward.training.config import TrainingConfig, choose_precision
 from metareward.training.job import TrainOutcome
 
 if TYPE_CHECKING:
@@ -60,14 +60,9 @@ class RayTrainSpec:
 def ray_train_precision(precision: str, gpu_workers: bool) -> str:
     """`TrainingConfig.precision` for Ray Train workers, decided on the driver (which may have no
     GPU): `auto` is bf16 on GPU workers, fp32 on CPU workers. Each GPU worker checks bf16 support."""
-    if precision == "auto":
-        return "bf16" if gpu_workers else "fp32"
-    if precision == "bf16" and not gpu_workers:
-        raise ValueError(
-            "training.precision 'bf16' needs GPU workers, and execution.ray.gpus_per_engine 0 gives CPU workers; "
-            "use precision 'auto' or 'fp32'"
-        )
-    return precision
+    return choose_precision(
+        precision, gpu_workers, "training.precision 'bf16' needs GPU workers, and execution.ray.gpus_per_engine 0 gives CPU workers"
+    )
 
 
 def require_ray_train() -> None:
