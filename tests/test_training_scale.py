@@ -123,24 +123,68 @@ def _kill_after_first_save():
     return KillAfterSave()
 
 
-@pytest.mark.model
-def test_killed_training_resumes_from_its_first_trainer_checkpoint(seed_ref: ModelRef, tmp_path: Path) -> None:
-    config = TEST_CONFIG.model_copy(update={"max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 2})
-    output = tmp_path / "iter-1" / "model"
-    state = tmp_path / "iter-1" / "train_state"
-    with pytest.raises(Killed):
-        train_dpo(_pairs(GOOD_PAIRS), seed_ref, str(output), config, state_uri=str(state), callbacks=[_kill_after_first_save()])
-    assert (state / "checkpoint-1" / STATE_COMPLETE_MARKER).is_file()
-    assert (state / "job.json").is_file()
-    assert not output.exists()
+# A training run in a child process that holds still once its first trainer checkpoint is uploaded
+# (the upload callback runs before the extra ones), so the parent can SIGKILL it right there.
+_TRAIN_UNTIL_KILLED = """
+import json, sys, time
+import pandas as pd
+from transformers import TrainerCallback
+from metareward.checkpoints import ModelRef
+from metareward.training import TrainingConfig, train_dpo
 
-    resumed = train_dpo(_pairs(GOOD_PAIRS), seed_ref, str(output), config, state_uri=str(state))
-    assert resumed.resumed_from_step == 1
-    assert resumed.n_steps == 3
-    # Step 1's row comes from the restored trainer state; steps 2 and 3 ran after the resume.
-    assert list(resumed.metrics["step"]) == [1, 2, 3]
-    assert resumed.metrics.iloc[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
-    assert resumed.metrics.iloc[1]["rewards/margins"] != 0  # step 2 starts from step 1's weights, not the base
+class HoldAfterTheFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        print(f"checkpoint {state.global_step} uploaded", flush=True)
+        time.sleep(3600)
+
+spec = json.loads(open(sys.argv[1]).read())
+train_dpo(pd.read_json(spec["pairs"]), ModelRef(**spec["base"]), spec["output"], TrainingConfig(**spec["config"]),
+          state_uri=spec["state"], callbacks=[HoldAfterTheFirstCheckpoint()])
+"""
+
+
+@pytest.mark.model
+def test_a_training_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_weights_and_losses(
+    seed_ref: ModelRef, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    config = TEST_CONFIG.model_copy(update={"max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 2})
+    pairs = _pairs(GOOD_PAIRS)
+    output, state = tmp_path / "iter-1" / "model", tmp_path / "iter-1" / "train_state"
+    spec = tmp_path / "job.json"
+    pairs.to_json(tmp_path / "pairs.json")
+    spec.write_text(json.dumps({
+        "pairs": str(tmp_path / "pairs.json"), "base": seed_ref.model_dump(mode="json"), "output": str(output),
+        "config": config.model_dump(mode="json"), "state": str(state),
+    }))
+    child = subprocess.Popen([sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(spec)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "checkpoint 1 uploaded"
+        child.send_signal(signal.SIGKILL)  # no clean-up runs in the child
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert (state / "checkpoint-1" / STATE_COMPLETE_MARKER).is_file() and not output.exists()
+
+    resumed = train_dpo(pairs, seed_ref, str(output), config, state_uri=str(state))
+    straight = train_dpo(pairs, seed_ref, str(tmp_path / "straight" / "model"), config)
+    assert resumed.resumed_from_step == 1 and resumed.n_steps == straight.n_steps == 3
+    # The uninterrupted run's losses, step 1's from the restored trainer state, 2 and 3 after the resume.
+    assert list(resumed.metrics["step"]) == list(straight.metrics["step"]) == [1, 2, 3]
+    assert resumed.metrics["loss"].tolist() == pytest.approx(straight.metrics["loss"].tolist(), abs=1e-6)
+    # ... and its weights (fp32 on the CPU).
+    weights = [load_file(materialize(run.model) / "model.safetensors") for run in (resumed, straight)]
+    assert weights[0].keys() == weights[1].keys()
+    assert max(float((weights[0][name] - weights[1][name]).abs().max()) for name in weights[0]) <= 1e-6
+    base = load_file(materialize(seed_ref) / "model.safetensors")
+    assert any(not (weights[0][name] == base[name]).all() for name in base), "the resumed run trained nothing"
     assert not state.exists(), "the trainer state is removed once M_i is saved"
     manifest = json.loads((materialize(resumed.model) / MANIFEST_NAME).read_text())
     assert manifest["source"]["resumed_from_step"] == 1
