@@ -104,7 +104,7 @@ def _tiny_config(root: Path, model_dir: Path) -> RunConfig:
 
 
 @pytest.mark.model
-def test_evaluation_runs_at_the_end_of_an_iteration_then_on_its_own_and_from_the_command_line(prefect_api, seed_ref, seed_dir, tmp_path):
+def test_evaluation_runs_at_the_end_of_an_iteration_then_on_its_own_and_from_the_command_line(prefect_api, seed_ref, seed_dir, tmp_path, monkeypatch):
     from prefect.artifacts import Artifact
     from typer.testing import CliRunner
 
@@ -155,6 +155,17 @@ def test_evaluation_runs_at_the_end_of_an_iteration_then_on_its_own_and_from_the
     assert "Win rate of X against Y" in result.output and "Judge accuracy" in result.output
     missing = CliRunner().invoke(app, ["evaluate", str(config_file), "--iteration", "2"])
     assert missing.exit_code == 1 and "iteration 2 of run evaluated has no trained checkpoint" in missing.output
+
+    # A new pipeline version: every evaluation artifact is computed again, none reused.
+    from metareward import contract
+
+    names = ("responses_x", "responses_y", "comparisons", "win_rate", "preference_judgments_x", "preference_judgments_y", "judge_accuracy")
+    old = {name: read_manifest(store, evaluation.evaluation_uri(store, "evaluated", 1, name))["fingerprint"] for name in names}
+    monkeypatch.setattr(contract, "PIPELINE_VERSION", "metareward-pipeline-next")
+    assert CliRunner().invoke(app, ["evaluate", str(config_file), "--iteration", "1"]).exit_code == 0
+    for name in names:
+        manifest = read_manifest(store, evaluation.evaluation_uri(store, "evaluated", 1, name))
+        assert manifest["pipeline_version"] == "metareward-pipeline-next" and manifest["fingerprint"] != old[name], name
 
 
 def test_the_evaluate_flow_takes_the_run_config_model_so_the_ui_renders_a_form():

@@ -58,6 +58,20 @@ def test_iteration_diagnostics_are_written_beside_the_artifacts_and_reused_while
     assert recomputed.metrics["judge_judgments"].tolist() == [len(judgments)] != row["judge_judgments"].tolist()
 
 
+def test_a_new_pipeline_version_computes_the_diagnostics_again(run_folder, monkeypatch):
+    from metareward import contract
+
+    store = run_folder
+    written = run_report.write_iteration_diagnostics(store, RUN, 1)
+    before = read_manifest(store, written.uri)
+    monkeypatch.setattr(contract, "PIPELINE_VERSION", "metareward-pipeline-next")
+    again = run_report.iteration_diagnostics(store, RUN, 1)
+    after = read_manifest(store, again.uri)
+    assert after["fingerprint"] != before["fingerprint"]  # written again, under the new version
+    assert after["pipeline_version"] == "metareward-pipeline-next"
+    assert again.metrics.equals(read_artifact(store, written.uri))
+
+
 def test_diagnostics_need_a_finished_iteration(run_folder):
     with pytest.raises(FileNotFoundError, match="iteration 3 of run 'diag' has no complete summary"):
         run_report.write_iteration_diagnostics(run_folder, RUN, 3)
