@@ -61,10 +61,13 @@ def render_choice_context(tokenizer: Any, conversation: Conversation, prefix: st
     versions the environments pin.
     """
     check_open_assistant_turns([conversation])
-    head = tokenizer.apply_chat_template(
-        [dict(message) for message in conversation[:-1]], tokenize=False, add_generation_prompt=True
-    )
-    return head + conversation[-1]["content"] + prefix
+    return render_choice_head(tokenizer, conversation) + conversation[-1]["content"] + prefix
+
+
+def render_choice_head(tokenizer: Any, conversation: Conversation) -> str:
+    """The start of `render_choice_context`: the prompt the final assistant message answers,
+    rendered as `generate` renders it (the messages before it, then the generation prompt)."""
+    return tokenizer.apply_chat_template([dict(message) for message in conversation[:-1]], tokenize=False, add_generation_prompt=True)
 
 
 @dataclass(frozen=True)

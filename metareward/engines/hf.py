@@ -45,7 +45,13 @@ from typing import Any, Sequence
 import torch
 
 from metareward.engines.base import Choice, Completion, Conversation, EngineConfig, Sampling
-from metareward.engines.choice import check_choose_arguments, pick_option, plan_option_scoring, render_choice_context
+from metareward.engines.choice import (
+    check_choose_arguments,
+    pick_option,
+    plan_option_scoring,
+    render_choice_context,
+    render_choice_head,
+)
 from metareward.engines.prefix_cache import PrefixCache, supports
 
 logger = logging.getLogger(__name__)
@@ -273,7 +279,12 @@ class HFEngine:
             steps = [step for plan in plans for step in plan.steps]
             for position, step in enumerate(steps):
                 self._check_length(len(step.prompt_ids), 0, f"choose context (scoring step {position})")
-            step_logprobs = self._next_token_logprobs([step.prompt_ids for step in steps], [step.read_ids for step in steps])
+            # The prefix cache keeps blocks of the prompts `generate` read, not of the texts it wrote:
+            # each step reuses its prompt's blocks (one token short of it: the rationale's first
+            # characters may merge with the prompt's last token) and reads the rest as its tail.
+            heads = [len(self._encode(render_choice_head(self.tokenizer, conversation))) - 1 for conversation in conversations]
+            limits = [head for head, plan in zip(heads, plans) for _ in plan.steps]
+            step_logprobs = self._next_token_logprobs([step.prompt_ids for step in steps], [step.read_ids for step in steps], limits)
         choices, start = [], 0
         for position, plan in enumerate(plans):
             logprobs = plan.option_logprobs(step_logprobs[start : start + len(plan.steps)])
@@ -281,8 +292,9 @@ class HFEngine:
             choices.append(pick_option(options, logprobs, temperature, seed, position))
         return choices
 
-    def _next_token_logprobs(self, prompts: list[list[int]], reads: list[list[int]]) -> list[dict[int, float]]:
-        """For each prompt, the log-probabilities of the `reads` token ids as its next token."""
+    def _next_token_logprobs(self, prompts: list[list[int]], reads: list[list[int]], limits: list[int]) -> list[dict[int, float]]:
+        """For each prompt, the log-probabilities of the `reads` token ids as its next token (with
+        the prefix cache: blocks within its first `limits` tokens)."""
         order = sorted(range(len(prompts)), key=lambda index: (-len(prompts[index]), index))
         results: list[dict[int, float]] = [{} for _ in prompts]
         with torch.inference_mode():
@@ -295,7 +307,9 @@ class HFEngine:
                         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
                     ).logits[:, -1, :]
                 else:
-                    logits = self.prefix_cache.prefill([prompts[index] for index in batch], self.pad_token_id).logits
+                    logits = self.prefix_cache.prefill(
+                        [prompts[index] for index in batch], self.pad_token_id, [limits[index] for index in batch]
+                    ).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, index in enumerate(batch):
                     results[index] = {token: float(logprobs[row, token]) for token in reads[index]}

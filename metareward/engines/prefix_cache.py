@@ -3,14 +3,15 @@
 Token sequences are cut into blocks of `BLOCK_TOKENS` ids, as vLLM's automatic prefix caching cuts
 them. The keys and values of a block are kept under the token ids from the sequence's start to the
 block's end, so two sequences share exactly the blocks of their longest common block-aligned prefix:
-the rubric that opens every judge prompt, one conversation's n samples, the prompt and rationale a
-forced verdict continues after `generate` read the prompt. Blocks stay across calls of one engine,
-are evicted least recently used first once they hold more than `max_bytes`, and go with the engine.
+the rubric that opens every judge prompt, one conversation's n samples, the prompt a forced verdict
+continues after `generate` read it. Blocks stay across calls of one engine, are evicted least
+recently used first once they hold more than `max_bytes`, and go with the engine.
 
-A block's keys and values always come from the same computation, hit or miss: one forward pass of
-that block alone (batch 1, no padding) over its own prefix's cached blocks. So a run that finds a
-block cached (warm) and one that computes it (cold, a resumed shard in a fresh process) read the
-same numbers, and eviction never changes a result.
+Which blocks a sequence reads from the cache depends on its content only (its whole blocks, within
+a limit the caller sets), never on what the cache holds; a missing block is computed over its own
+cached prefix, together with the other blocks of the call missing at the same depth (each once). So
+a shard run again in a fresh process (a cold cache) reads the same numbers as the uninterrupted run
+(a warm one), and eviction never changes a result: the tests check it bit for bit.
 
 `prefill` runs the part of each sequence after its cached blocks (at least its last token) for a
 batch: the cached blocks are left-padded to the batch's longest, the uncached tails left-padded
@@ -82,70 +83,92 @@ class PrefixCache:
         self._blocks.clear()
         self.bytes = 0
 
-    def cached_length(self, length: int) -> int:
+    def cached_length(self, length: int, limit: int | None = None) -> int:
         """How many leading tokens of a `length`-token sequence come from blocks: whole blocks
-        only, and never the last token (its logits are what a caller reads)."""
-        return (max(length - 1, 0) // self.block_tokens) * self.block_tokens
+        within its first `limit` tokens (all by default), never its last token (its logits are
+        what a caller reads)."""
+        usable = max(length - 1, 0) if limit is None else min(max(length - 1, 0), limit)
+        return (usable // self.block_tokens) * self.block_tokens
 
     def _cache_from(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else DynamicCache(config=self.model.config)
 
-    def _prefix(self, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The length of `ids`' cached part and its keys and values per layer ([1, heads, length,
-        head dim]), block by block: a block found is appended, a missing one is computed by one
-        forward pass over the blocks before it (and kept)."""
+    def _stacked(self, prefixes: list[tuple[int, ...]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values per layer, [rows, heads, length, head dim], of prefixes whose blocks are
+        all cached (the first `length` tokens of each)."""
+        rows = [[self._blocks[prefix[:end]] for end in range(self.block_tokens, length + 1, self.block_tokens)] for prefix in prefixes]
+        return [
+            (
+                torch.stack([torch.cat([block[layer][0][0] for block in blocks], dim=-2) for blocks in rows]),
+                torch.stack([torch.cat([block[layer][1][0] for block in blocks], dim=-2) for blocks in rows]),
+            )
+            for layer in range(len(rows[0][0]))
+        ]
+
+    def _compute_missing(self, sequences: list[list[int]], lengths: list[int]) -> None:
+        """Compute every missing block of the sequences' cached parts, depth by depth: the blocks
+        missing at one depth (each once, in the order of their ids) in one forward pass over their
+        own cached prefixes. They are the call's own new blocks, so a shard run again (warm or cold
+        cache, evicted or not) computes them in the same company: CPU matmuls give each row the
+        same numbers whatever the batch beside it (checked by the tests), hence the same keys."""
         device = self.model.device
-        cache = self._cache_from(None)
-        length = self.cached_length(len(ids))
-        for end in range(self.block_tokens, length + 1, self.block_tokens):
-            key, start = tuple(ids[:end]), end - self.block_tokens
-            block = self._blocks.get(key)
-            if block is not None:
-                self._blocks.move_to_end(key)
-                self.hits += 1
-                for layer, (keys, values) in zip(cache.layers, block):
-                    layer.update(keys, values)
+        for end in range(self.block_tokens, max(lengths, default=0) + 1, self.block_tokens):
+            wanted = {tuple(ids[:end]) for ids, length in zip(sequences, lengths) if end <= length}
+            missing = sorted(key for key in wanted if key not in self._blocks)
+            self.hits += len(wanted) - len(missing)
+            if not missing:
                 continue
+            start = end - self.block_tokens
+            cache = self._cache_from(self._stacked(missing, start) if start else None)
             self.model(
-                input_ids=torch.tensor([ids[start:end]], device=device),
-                position_ids=torch.arange(start, end, device=device)[None],
+                input_ids=torch.tensor([key[start:] for key in missing], device=device),
+                position_ids=torch.arange(start, end, device=device)[None].expand(len(missing), -1),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            block = [(layer.keys[:, :, start:end].clone(), layer.values[:, :, start:end].clone()) for layer in cache.layers]
-            self._blocks[key] = block
-            self.bytes += _size(block)
-            self.misses += 1
-        return length, [(layer.keys, layer.values) for layer in cache.layers] if length else []
+            for row, key in enumerate(missing):
+                block = [(layer.keys[row : row + 1, :, start:end].clone(), layer.values[row : row + 1, :, start:end].clone()) for layer in cache.layers]
+                self._blocks[key] = block
+                self.bytes += _size(block)
+            self.misses += len(missing)
+        for ids, length in zip(sequences, lengths):  # recently used: evicted last
+            for end in range(self.block_tokens, length + 1, self.block_tokens):
+                self._blocks.move_to_end(tuple(ids[:end]))
 
     def _evict(self) -> None:
         while self.bytes > self.max_bytes and self._blocks:
             _, block = self._blocks.popitem(last=False)
             self.bytes -= _size(block)
 
-    def prefill(self, sequences: list[list[int]], pad_token_id: int) -> Prefill:
-        """Read a batch of token sequences: cached blocks from the cache (computed where missing),
-        the tails in one batched forward pass. Returns the last token's logits and the decoding state."""
+    def prefill(self, sequences: list[list[int]], pad_token_id: int, limits: list[int] | None = None) -> Prefill:
+        """Read a batch of token sequences: their cached blocks (within `limits[row]` tokens, all
+        whole blocks by default; computed where missing), then the tails in one batched forward pass.
+        Returns the last token's logits and the decoding state."""
         device = self.model.device
-        prefixes = [self._prefix(ids) for ids in sequences]
-        cached = [length for length, _ in prefixes]
+        cached = [self.cached_length(len(ids), None if limits is None else limits[row]) for row, ids in enumerate(sequences)]
+        self._compute_missing(sequences, cached)
         tails = [ids[length:] for ids, length in zip(sequences, cached)]
         width_cached, width_tail = max(cached), max(len(tail) for tail in tails)
         rows = len(sequences)
         past = None
         if width_cached:
-            reference = next(layers for _, layers in prefixes if layers)
+            # Each row's blocks left-padded to the longest cached part (zeros under attention mask 0).
+            row_blocks = [
+                [self._blocks[tuple(ids[:end])] for end in range(self.block_tokens, length + 1, self.block_tokens)]
+                for ids, length in zip(sequences, cached)
+            ]
+            reference = next(blocks for blocks in row_blocks if blocks)[0]
             past = []
             for layer, (key, value) in enumerate(reference):
                 shape = (rows, key.shape[1], width_cached, key.shape[3])
                 keys, values = key.new_zeros(shape), value.new_zeros(shape)
-                for row, (length, layers) in enumerate(prefixes):
-                    if length:
-                        keys[row, :, width_cached - length :] = layers[layer][0][0]
-                        values[row, :, width_cached - length :] = layers[layer][1][0]
+                for row, (blocks, length) in enumerate(zip(row_blocks, cached)):
+                    if blocks:
+                        keys[row, :, width_cached - length :] = torch.cat([block[layer][0][0] for block in blocks], dim=-2)
+                        values[row, :, width_cached - length :] = torch.cat([block[layer][1][0] for block in blocks], dim=-2)
                 past.append((keys, values))
         self._evict()
         input_ids = torch.full((rows, width_tail), pad_token_id, dtype=torch.long)
