@@ -12,7 +12,9 @@ paper's per-iteration schedule is not the default (overrides the user did not wr
 beat the base values they did); it is spelled out in `RunConfig`'s docstring, ready to paste.
 
 Every model here is JSON-schema friendly (plain scalars, literals, nested models, a dict keyed by
-iteration number), so Prefect renders flow parameters of these types as a form.
+iteration number), so Prefect renders flow parameters of these types as a form: each field shows its
+one-line `Field(description=...)`, each model a short summary (`json_schema_extra`); the docstrings
+stay the full reference.
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ class PromptsConfig(BaseModel):
     Sampling is seeded by the run's `seed` and the iteration number, so a re-run draws the same prompts.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"description": "Where prompts come from and how each iteration samples them."}
+    )
 
-    source: str = "embedded"
-    per_iteration: int = Field(default=5000, ge=1)
-    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    without_replacement: bool = True
+    source: str = Field(
+        default="embedded", description="`embedded` or a Parquet / JSONL / CSV file (path or URL) with a `prompt` column."
+    )
+    per_iteration: int = Field(default=5000, ge=1, description="Prompts sampled for each iteration (the paper: 5,000).")
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of the pool held out for evaluation.")
+    without_replacement: bool = Field(default=True, description="Disjoint prompts in each iteration while the pool lasts.")
 
 
 class ActorConfig(BaseModel):
@@ -73,13 +79,13 @@ class ActorConfig(BaseModel):
             generate summary) [choice: on; one source says the paper does].
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"description": "The actor: K responses per prompt."})
 
-    k: int = Field(default=7, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=1024, ge=1)
-    dedup: bool = True
+    k: int = Field(default=7, ge=1, description="Responses per prompt (the paper: 7).")
+    temperature: float = Field(default=0.8, ge=0.0, description="Temperature of the responses (the paper: 0.8).")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Top-p of the responses (the paper: 0.95).")
+    max_tokens: int = Field(default=1024, ge=1, description="Longest response, in tokens.")
+    dedup: bool = Field(default=True, description="Remove exact duplicate responses to one prompt before judging.")
 
 
 class JudgeConfig(BaseModel):
@@ -92,12 +98,14 @@ class JudgeConfig(BaseModel):
         max_tokens: longest judgment [choice: 256; the rubric asks for up to 100 words].
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"description": "The judge: N judgments per response with the additive 5-point rubric."}
+    )
 
-    n: int = Field(default=11, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=256, ge=1)
+    n: int = Field(default=11, ge=1, description="Judgments per response (the paper: 11).")
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature of the judgments.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Top-p of the judgments' sampling.")
+    max_tokens: int = Field(default=256, ge=1, description="Longest judgment, in tokens.")
 
 
 class MetaJudgeConfig(BaseModel):
@@ -109,11 +117,14 @@ class MetaJudgeConfig(BaseModel):
         max_tokens: longest meta-judgment [choice: 512].
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"description": "The meta-judge: which of two judgments of one response is more accurate."},
+    )
 
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature of the meta-judgments.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Top-p of the meta-judgments' sampling.")
+    max_tokens: int = Field(default=512, ge=1, description="Longest meta-judgment, in tokens.")
 
 
 class PairsConfig(BaseModel):
@@ -140,16 +151,20 @@ class PairsConfig(BaseModel):
             [choice: `metareward.meta.ELO_TIE_TOLERANCE`, 1e-6].
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"description": "How actor pairs and judge pairs are selected."})
 
-    rho: float = Field(default=0.0, ge=0.0, lt=0.5)
-    length_measure: Literal["chars", "tokens"] = "chars"
-    max_chosen_chars: int = Field(default=2500, ge=0)
-    train_judge_pairs: bool = True
-    max_chosen_judgment_chars: int = Field(default=1100, ge=0)
-    require_distinct_judge_scores: bool = False
-    elo_l2: float = Field(default=DEFAULT_L2, gt=0.0)
-    elo_tie_tolerance: float = Field(default=ELO_TIE_TOLERANCE, ge=0.0)
+    rho: float = Field(default=0.0, ge=0.0, lt=0.5, description="Quality-tier width of the length control; 0: best vs worst.")
+    length_measure: Literal["chars", "tokens"] = Field(default="chars", description="Unit of length: characters or tokens.")
+    max_chosen_chars: int = Field(
+        default=2500, ge=0, description="Drop an actor pair whose chosen response is longer, in characters; 0 = no cap."
+    )
+    train_judge_pairs: bool = Field(default=True, description="Whether judge pairs train; off also skips the meta-judge.")
+    max_chosen_judgment_chars: int = Field(
+        default=1100, ge=0, description="Drop a judge pair whose chosen judgment is longer, in characters; 0 = no cap."
+    )
+    require_distinct_judge_scores: bool = Field(default=False, description="Drop a judge pair whose two scores are equal.")
+    elo_l2: float = Field(default=DEFAULT_L2, gt=0.0, description="L2 term keeping the Elo fit finite.")
+    elo_tie_tolerance: float = Field(default=ELO_TIE_TOLERANCE, ge=0.0, description="Elo points within which judgments tie.")
 
 
 class EvaluationConfig(BaseModel):
@@ -184,23 +199,35 @@ class EvaluationConfig(BaseModel):
         seed: seed of the sampling; null = the run's `seed`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "description": "The evaluation of a run: win rate of M_i against M_{i-1} on the held-out prompts under a "
+            "fixed judge, and both models' judge accuracy on a preference set."
+        },
+    )
 
-    at_end_of_iteration: bool = False
-    judge: str = "seed"
-    judge_engine: EngineConfig | None = None
-    max_prompts: int = Field(default=100, ge=1)
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    judge_max_tokens: int = Field(default=256, ge=1)
-    judge_temperature: float = Field(default=0.0, ge=0.0)
-    verdict_mode: VerdictMode = "forced"
-    bootstrap_samples: int = Field(default=1000, ge=1)
-    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
-    preference_set: str = "embedded"
-    max_pairs: int = Field(default=0, ge=0)
-    seed: int | None = None
+    at_end_of_iteration: bool = Field(default=False, description="Evaluate M_i at the end of each iteration that trained one.")
+    judge: str = Field(
+        default="seed", description="The fixed judge: `seed` (M0), a local folder, an `s3://` checkpoint or a hub id."
+    )
+    judge_engine: EngineConfig | None = Field(default=None, description="How the judge is served; null = the run's `engine`.")
+    max_prompts: int = Field(default=100, ge=1, description="Held-out prompts used, the first of their seeded order.")
+    max_tokens: int = Field(default=256, ge=1, description="Longest response of each model, in tokens.")
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature of each model's responses.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Top-p of each model's responses.")
+    judge_max_tokens: int = Field(default=256, ge=1, description="Longest comparison or rubric judgment, in tokens.")
+    judge_temperature: float = Field(
+        default=0.0, ge=0.0, description="Temperature of the judge's text and verdicts; 0 is greedy."
+    )
+    verdict_mode: VerdictMode = Field(default="forced", description="`forced` (parse, else the judge's own choice) or `parse`.")
+    bootstrap_samples: int = Field(default=1000, ge=1, description="Bootstrap resamples over prompts for the intervals.")
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals.")
+    preference_set: str = Field(
+        default="embedded", description="`embedded` or a Parquet / JSONL file (`prompt`, `chosen`, `rejected`)."
+    )
+    max_pairs: int = Field(default=0, ge=0, description="Preference pairs used, the first of the set; 0 = all.")
+    seed: int | None = Field(default=None, description="Seed of the evaluation's sampling; null = the run's `seed`.")
 
     @field_validator("judge", "preference_set")
     @classmethod
@@ -224,17 +251,25 @@ class IterationOverrides(BaseModel):
         actor_max_tokens, judge_max_tokens, meta_judge_max_tokens: each role's `max_tokens`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "description": "Settings of one iteration that differ from the run's base settings; "
+            "a field left out (or null) keeps the base value."
+        },
+    )
 
-    rho: float | None = Field(default=None, ge=0.0, lt=0.5)
-    train_judge_pairs: bool | None = None
-    max_chosen_chars: int | None = Field(default=None, ge=0)
-    max_chosen_judgment_chars: int | None = Field(default=None, ge=0)
-    prompts_per_iteration: int | None = Field(default=None, ge=1)
-    verdict_mode: VerdictMode | None = None
-    actor_max_tokens: int | None = Field(default=None, ge=1)
-    judge_max_tokens: int | None = Field(default=None, ge=1)
-    meta_judge_max_tokens: int | None = Field(default=None, ge=1)
+    rho: float | None = Field(default=None, ge=0.0, lt=0.5, description="`pairs.rho` in this iteration.")
+    train_judge_pairs: bool | None = Field(default=None, description="`pairs.train_judge_pairs` in this iteration.")
+    max_chosen_chars: int | None = Field(default=None, ge=0, description="`pairs.max_chosen_chars` in this iteration.")
+    max_chosen_judgment_chars: int | None = Field(
+        default=None, ge=0, description="`pairs.max_chosen_judgment_chars` in this iteration."
+    )
+    prompts_per_iteration: int | None = Field(default=None, ge=1, description="`prompts.per_iteration` in this iteration.")
+    verdict_mode: VerdictMode | None = Field(default=None, description="The run's `verdict_mode` in this iteration.")
+    actor_max_tokens: int | None = Field(default=None, ge=1, description="`actor.max_tokens` in this iteration.")
+    judge_max_tokens: int | None = Field(default=None, ge=1, description="`judge.max_tokens` in this iteration.")
+    meta_judge_max_tokens: int | None = Field(default=None, ge=1, description="`meta_judge.max_tokens` in this iteration.")
 
 
 class IterationConfig(BaseModel):
@@ -323,26 +358,36 @@ class RunConfig(BaseModel):
                   4: {rho: 0.4, max_chosen_chars: 0, train_judge_pairs: false}
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "description": "One Meta-Rewarding run: its name, seed model, storage, engine, the three roles, pair selection, "
+            "training, evaluation and per-iteration overrides."
+        },
+    )
 
-    name: str
-    seed: int = 0
-    max_iterations: int = Field(default=4, ge=1)
-    model: str = "embedded"
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    keep_last_checkpoints: int | None = Field(default=2, ge=0)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    actor: ActorConfig = Field(default_factory=ActorConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    meta_judge: MetaJudgeConfig = Field(default_factory=MetaJudgeConfig)
-    verdict_mode: VerdictMode = "parse"
-    pairs: PairsConfig = Field(default_factory=PairsConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    shard_size: int = Field(default=32, ge=1)
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    iterations: dict[int, IterationOverrides] = Field(default_factory=dict)
+    name: str = Field(description="The run's name, a folder under the storage root (letters, digits, `.`, `_`, `-`).")
+    seed: int = Field(default=0, description="The seed every random choice derives from, so a re-run repeats the same texts.")
+    max_iterations: int = Field(default=4, ge=1, description="The run stops after this iteration (the paper: 4).")
+    model: str = Field(default="embedded", description="The seed model M0: `embedded`, a local folder or a hub id.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Where artifacts and checkpoints go.")
+    keep_last_checkpoints: int | None = Field(
+        default=2, ge=0, description="Newest iteration checkpoints kept in storage (older ones are removed); 0 or null keeps all."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="How the model is served for all three roles.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where prompts come from and how they are sampled.")
+    actor: ActorConfig = Field(default_factory=ActorConfig, description="The actor: K responses per prompt and their sampling.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge: N judgments per response and their sampling.")
+    meta_judge: MetaJudgeConfig = Field(default_factory=MetaJudgeConfig, description="The meta-judge's sampling.")
+    verdict_mode: VerdictMode = Field(
+        default="parse", description="`parse` (unparsable verdicts are dropped, the paper) or `forced` (the model's own choice)."
+    )
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Actor- and judge-pair selection.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="DPO settings of the train stage.")
+    shard_size: int = Field(default=32, ge=1, description="Prompts per shard of generation, judging and meta-judging.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Stages run here or on a Ray cluster.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Win rate vs M_{i-1} and judge accuracy.")
+    iterations: dict[int, IterationOverrides] = Field(default_factory=dict, description="Per-iteration overrides (1 = M0 -> M1).")
 
     @field_validator("name")
     @classmethod

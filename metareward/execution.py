@@ -88,16 +88,29 @@ class RayExecutionConfig(BaseModel):
             shards). The engines' own per-request timeouts (`engine.timeout_s`) apply inside.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"description": "How the stages use a Ray cluster: its address and what each engine takes."},
+    )
 
-    address: str = LOCAL
-    expected_gpus: int = Field(default=0, ge=0)
-    namespace: str = "metareward"
-    gpus_per_engine: float = Field(default=1.0, ge=0.0)
-    cpus_per_engine: float = Field(default=1.0, gt=0.0)
-    min_shards_per_engine: int = Field(default=8, ge=1)
-    max_shard_retries: int = Field(default=3, ge=0)
-    shard_timeout_s: float = Field(default=0.0, ge=0.0)
+    address: str = Field(
+        default=LOCAL, description="`local` (Ray on this machine), `auto` (the running cluster) or the head's GCS `HOST:PORT`."
+    )
+    expected_gpus: int = Field(
+        default=0, ge=0, description="GPUs the cluster must have, checked before any shard; at least 1 for a cluster address."
+    )
+    namespace: str = Field(default="metareward", description="Ray namespace of the run's jobs.")
+    gpus_per_engine: float = Field(
+        default=1.0, ge=0.0, description="GPUs one engine worker takes (2 for `tensor_parallel_size: 2`; 0 for CPU engines)."
+    )
+    cpus_per_engine: float = Field(default=1.0, gt=0.0, description="CPUs reserved per engine worker (also its OMP_NUM_THREADS).")
+    min_shards_per_engine: int = Field(
+        default=8, ge=1, description="Fewer shards per engine than this leave GPUs idle at the end: the subflow warns."
+    )
+    max_shard_retries: int = Field(default=3, ge=0, description="Times Ray runs a shard again when its worker or node dies.")
+    shard_timeout_s: float = Field(
+        default=0.0, ge=0.0, description="Deadline of one shard in seconds, from its start (its worker is killed); 0 = none."
+    )
 
     @field_validator("address")
     @classmethod
@@ -124,10 +137,16 @@ class ExecutionConfig(BaseModel):
             with `training.launcher: ray_train` (its workers' GPUs and CPUs).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"description": "Where the stages run: this process or a Ray cluster."}
+    )
 
-    backend: Literal["local", "ray"] = "local"
-    ray: RayExecutionConfig = Field(default_factory=RayExecutionConfig)
+    backend: Literal["local", "ray"] = Field(
+        default="local", description="`local`: shard after shard in the flow's process; `ray`: generation shards as Ray tasks."
+    )
+    ray: RayExecutionConfig = Field(
+        default_factory=RayExecutionConfig, description="The Ray cluster and the shards' resources (also read by `ray_train`)."
+    )
 
 
 def check_ray_execution(ray: RayExecutionConfig, storage_root: str, storage_protocol: str, prefect_api_url: str | None) -> None:

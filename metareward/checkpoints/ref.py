@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "metareward-manifest.json"
 # The LoRA adapter of M_i lives beside it at {run}/iter-{i}/adapter (a LoRA of M_{i-1}: pruned with M_i).
@@ -32,10 +32,12 @@ class ModelRef(BaseModel):
             The checkpoint's content hash (`hash_checkpoint`), 64 lowercase hex digits.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", json_schema_extra={"description": "A checkpoint by location (`uri`) and content (`sha256`)."}
+    )
 
-    uri: str
-    sha256: str
+    uri: str = Field(description="A local folder's absolute path or a folder's fsspec URL (`s3://...`), no trailing slash.")
+    sha256: str = Field(description="The checkpoint's content hash, 64 lowercase hex digits.")
 
     @field_validator("uri")
     @classmethod

@@ -62,19 +62,44 @@ class StorageConfig(BaseModel):
             How often the writer renews its lease; must be below `lease_ttl_s`.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "description": "Where a run's artifacts and checkpoints are stored: a local folder or S3. Credentials are "
+            "named by environment variables, never written here."
+        },
+    )
 
-    root: str = "./runs"
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id_env: str | None = None
-    secret_access_key_env: str | None = None
-    session_token_env: str | None = None
-    response_checksum_validation: ChecksumMode = "auto"
-    request_checksum_calculation: ChecksumMode = "auto"
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    lease_ttl_s: float = Field(default=120.0, gt=0)
-    lease_renew_s: float = Field(default=30.0, gt=0)
+    root: str = Field(
+        default="./runs", description="Storage root: a local folder (`./runs`) or `s3://bucket/prefix` (the bucket must exist)."
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint of a non-AWS server; null: `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, else AWS."
+    )
+    region: str | None = Field(default=None, description="S3 region; null lets botocore decide (`AWS_DEFAULT_REGION`, profile).")
+    access_key_id_env: str | None = Field(
+        default=None, description="Name of the variable holding the access key id; null: botocore's standard credential chain."
+    )
+    secret_access_key_env: str | None = Field(default=None, description="Name of the variable holding the secret access key.")
+    session_token_env: str | None = Field(
+        default=None, description="Name of the variable holding a session token (temporary credentials)."
+    )
+    response_checksum_validation: ChecksumMode = Field(
+        default="auto", description="botocore's response checksum validation; `auto`: `when_required` with an endpoint URL."
+    )
+    request_checksum_calculation: ChecksumMode = Field(
+        default="auto", description="botocore's request checksum calculation; `auto`: `when_required` with an endpoint URL."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts per S3 request inside botocore, the first one included."
+    )
+    lease_ttl_s: float = Field(
+        default=120.0, gt=0, description="Seconds an unrenewed writer lease lives before the next writer may take it over."
+    )
+    lease_renew_s: float = Field(
+        default=30.0, gt=0, description="Seconds between renewals of the writer lease; below `lease_ttl_s`."
+    )
 
     @field_validator("root")
     @classmethod

@@ -23,12 +23,17 @@ class LoraSettings(BaseModel):
             `"all-linear"`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"description": "LoRA adapter settings (peft `LoraConfig`)."})
 
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = Field(
+        8, ge=1, description="Rank of the update matrices (a vLLM engine serving the adapter needs `max_lora_rank` >= r)."
+    )
+    alpha: int = Field(16, ge=1, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input, in [0, 1).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get an adapter (the attention projections by default), or `all-linear`.",
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -130,30 +135,56 @@ class TrainingConfig(BaseModel):
             0: none (a killed stage starts over).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "description": "DPO settings of the train stage. Defaults suit the embedded demo on CPU; the paper's values "
+            "(lr 5e-6 cosine, global batch 32) belong in a paper config."
+        },
+    )
 
-    beta: float = Field(0.1, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    per_device_train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0)
-    max_length: int = Field(1024, ge=2)
-    long_pairs: Literal["drop", "truncate"] = "drop"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    gradient_checkpointing: bool = True
-    logging_steps: int = Field(1, ge=1)
-    launcher: Literal["accelerate", "ray_train"] = "accelerate"
-    num_processes: int = Field(1, ge=1)
-    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    precompute_ref_log_probs: bool = False
-    lora: LoraSettings | None = None
-    max_judge_pairs: int | None = Field(None, ge=0)
-    judge_pairs_ratio: float | None = Field(None, ge=0)
-    save_steps: int = Field(0, ge=0)
+    beta: float = Field(0.1, gt=0, description="DPO beta: the pull towards the reference model M_{i-1} (the paper: 0.1).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW (the paper: 5e-6).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule (`cosine` is the paper's)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the training steps spent warming up.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs.")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps; when set it overrides `num_train_epochs`.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Pairs per forward pass and device.")
+    gradient_accumulation_steps: int = Field(
+        2, ge=1, description="Forward passes per optimizer step (global batch = batch size x accumulation x processes)."
+    )
+    seed: int = Field(0, ge=0, description="Seeds the data order and every random state of training.")
+    max_length: int = Field(1024, ge=2, description="Longest sequence in tokens (chat-rendered prompt + completion) that trains.")
+    long_pairs: Literal["drop", "truncate"] = Field(
+        "drop", description="A pair longer than `max_length`: `drop` it or `truncate` its completions."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="`auto` (bf16 mixed precision on a CUDA GPU that supports it, else fp32), `bf16` or `fp32`."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: less memory, more time.")
+    logging_steps: int = Field(1, ge=1, description="Optimizer steps between two rows of the training metrics.")
+    launcher: Literal["accelerate", "ray_train"] = Field(
+        "accelerate", description="`accelerate` (this machine) or `ray_train` (Ray Train DDP workers on `execution.ray`)."
+    )
+    num_processes: int = Field(1, ge=1, description="Training processes: ranks under `accelerate`, workers under `ray_train`.")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="Accelerate config with more than one process; `fsdp` and `deepspeed` need GPUs."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference log-probabilities once before training and free the reference model."
+    )
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of every weight; null: full fine-tuning.")
+    max_judge_pairs: int | None = Field(
+        None, ge=0, description="At most this many judge pairs train (a seeded choice); null: no cap."
+    )
+    judge_pairs_ratio: float | None = Field(
+        None, ge=0, description="At most this many judge pairs per trainable actor pair; null: no ratio."
+    )
+    save_steps: int = Field(
+        0, ge=0, description="Save a trainer checkpoint every this many optimizer steps, to resume from; 0: none."
+    )
 
     @model_validator(mode="after")
     def _check_launcher(self) -> TrainingConfig:
