@@ -174,6 +174,7 @@ def test_served_nightly_deployment_has_its_cron_schedule_and_the_config_form(ops
     run_config = schema["definitions"]["RunConfig"]
     assert {"name", "max_iterations", "engine", "training"} <= set(run_config["properties"])
     assert run_config["properties"]["max_iterations"]["default"] == 4  # the form shows the defaults
+    assert "start_iteration" in schema["properties"]  # re-running iteration I from the UI
     iteration = ops.client.read_deployment_by_name(ITERATION)
     assert iteration.schedules == [] and iteration.parameters["max_new_iterations"] == 1
     evaluate = ops.client.read_deployment_by_name(EVALUATE)
