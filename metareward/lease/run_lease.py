@@ -252,8 +252,10 @@ class RunLease:
 
     def _lose(self, reason: str) -> None:
         if self.lost_reason is None:
-            self.lost_reason = f"{reason}. This process stops before it writes more to run {self.run}."
-            logger.error("lost the writer lease of run %s: %s", self.run, self.lost_reason)
+            lost_reason = f"{reason}. This process stops before it writes more to run {self.run}."
+            # Logged before it is set: whoever sees the lease lost finds the log line already written.
+            logger.error("lost the writer lease of run %s: %s", self.run, lost_reason)
+            self.lost_reason = lost_reason
 
     # ---- release ------------------------------------------------------------------------------
 
