@@ -279,11 +279,13 @@ class HFEngine:
             steps = [step for plan in plans for step in plan.steps]
             for position, step in enumerate(steps):
                 self._check_length(len(step.prompt_ids), 0, f"choose context (scoring step {position})")
-            # The prefix cache keeps blocks of the prompts `generate` read, not of the texts it wrote:
-            # each step reuses its prompt's blocks (one token short of it: the rationale's first
-            # characters may merge with the prompt's last token) and reads the rest as its tail.
-            heads = [len(self._encode(render_choice_head(self.tokenizer, conversation))) - 1 for conversation in conversations]
-            limits = [head for head, plan in zip(heads, plans) for _ in plan.steps]
+            limits = None
+            if self.prefix_cache is not None:
+                # The cache keeps blocks of the prompts `generate` read, not of the texts it wrote: each
+                # step reuses its prompt's blocks (one token short of it: the rationale's first
+                # characters may merge with the prompt's last token) and reads the rest as its tail.
+                heads = [len(self._encode(render_choice_head(self.tokenizer, conversation))) - 1 for conversation in conversations]
+                limits = [head for head, plan in zip(heads, plans) for _ in plan.steps]
             step_logprobs = self._next_token_logprobs([step.prompt_ids for step in steps], [step.read_ids for step in steps], limits)
         choices, start = [], 0
         for position, plan in enumerate(plans):
@@ -292,7 +294,9 @@ class HFEngine:
             choices.append(pick_option(options, logprobs, temperature, seed, position))
         return choices
 
-    def _next_token_logprobs(self, prompts: list[list[int]], reads: list[list[int]], limits: list[int]) -> list[dict[int, float]]:
+    def _next_token_logprobs(
+        self, prompts: list[list[int]], reads: list[list[int]], limits: list[int] | None
+    ) -> list[dict[int, float]]:
         """For each prompt, the log-probabilities of the `reads` token ids as its next token (with
         the prefix cache: blocks within its first `limits` tokens)."""
         order = sorted(range(len(prompts)), key=lambda index: (-len(prompts[index]), index))
@@ -307,9 +311,8 @@ class HFEngine:
                         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
                     ).logits[:, -1, :]
                 else:
-                    logits = self.prefix_cache.prefill(
-                        [prompts[index] for index in batch], self.pad_token_id, [limits[index] for index in batch]
-                    ).logits
+                    batch_limits = None if limits is None else [limits[index] for index in batch]
+                    logits = self.prefix_cache.prefill([prompts[index] for index in batch], self.pad_token_id, batch_limits).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, index in enumerate(batch):
                     results[index] = {token: float(logprobs[row, token]) for token in reads[index]}

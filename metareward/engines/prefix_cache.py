@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -95,17 +95,19 @@ class PrefixCache:
 
         return DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else DynamicCache(config=self.model.config)
 
-    def _stacked(self, prefixes: list[tuple[int, ...]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values per layer, [rows, heads, length, head dim], of prefixes whose blocks are
-        all cached (the first `length` tokens of each)."""
-        rows = [[self._blocks[prefix[:end]] for end in range(self.block_tokens, length + 1, self.block_tokens)] for prefix in prefixes]
+    def _joined(self, prefix: Sequence[int], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values per layer, [heads, length, head dim], of the first `length` tokens of a
+        prefix whose blocks are all cached."""
+        blocks = [self._blocks[tuple(prefix[:end])] for end in range(self.block_tokens, length + 1, self.block_tokens)]
         return [
-            (
-                torch.stack([torch.cat([block[layer][0][0] for block in blocks], dim=-2) for blocks in rows]),
-                torch.stack([torch.cat([block[layer][1][0] for block in blocks], dim=-2) for blocks in rows]),
-            )
-            for layer in range(len(rows[0][0]))
+            (torch.cat([block[layer][0][0] for block in blocks], dim=-2), torch.cat([block[layer][1][0] for block in blocks], dim=-2))
+            for layer in range(len(blocks[0]))
         ]
+
+    def _stacked(self, prefixes: list[tuple[int, ...]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`_joined` of several prefixes of one length, stacked: [rows, heads, length, head dim]."""
+        rows = [self._joined(prefix, length) for prefix in prefixes]
+        return [(torch.stack([row[layer][0] for row in rows]), torch.stack([row[layer][1] for row in rows])) for layer in range(len(rows[0]))]
 
     def _compute_missing(self, sequences: list[list[int]], lengths: list[int]) -> None:
         """Compute every missing block of the sequences' cached parts, depth by depth: the blocks
@@ -156,19 +158,15 @@ class PrefixCache:
         past = None
         if width_cached:
             # Each row's blocks left-padded to the longest cached part (zeros under attention mask 0).
-            row_blocks = [
-                [self._blocks[tuple(ids[:end])] for end in range(self.block_tokens, length + 1, self.block_tokens)]
-                for ids, length in zip(sequences, cached)
-            ]
-            reference = next(blocks for blocks in row_blocks if blocks)[0]
+            joined = [self._joined(ids, length) if length else None for ids, length in zip(sequences, cached)]
+            reference = next(layers for layers in joined if layers)
             past = []
             for layer, (key, value) in enumerate(reference):
-                shape = (rows, key.shape[1], width_cached, key.shape[3])
+                shape = (rows, key.shape[0], width_cached, key.shape[2])
                 keys, values = key.new_zeros(shape), value.new_zeros(shape)
-                for row, (blocks, length) in enumerate(zip(row_blocks, cached)):
-                    if blocks:
-                        keys[row, :, width_cached - length :] = torch.cat([block[layer][0][0] for block in blocks], dim=-2)
-                        values[row, :, width_cached - length :] = torch.cat([block[layer][1][0] for block in blocks], dim=-2)
+                for row, (layers, length) in enumerate(zip(joined, cached)):
+                    if layers:
+                        keys[row, :, width_cached - length :], values[row, :, width_cached - length :] = layers[layer]
                 past.append((keys, values))
         self._evict()
         input_ids = torch.full((rows, width_tail), pad_token_id, dtype=torch.long)
