@@ -4,8 +4,8 @@
                    -> markdown artifact `{run}-iter-{i}-evaluation-summary`
 
 The logic lives in `metareward.evaluation` (docs/evaluation.md); the tasks only call it. By default X
-is M_i of iteration `iteration` (the run's newest trained iteration when None), Y is M_{i-1} (the seed
-model M0 for iteration 1) and the judge is `evaluation.judge` (`seed`: M0). `model` / `baseline`
+is M_i of iteration `iteration` (the run's newest trained iteration when None), Y is the checkpoint
+iteration i started from (M_{i-1}, or the last promoted checkpoint before it; M0 for iteration 1) and the judge is `evaluation.judge` (`seed`: M0). `model` / `baseline`
 replace X / Y with any two checkpoints (a `ModelRef`, or a model string as in the config's `model`);
 the results still go under iteration i's folder, `{root}/{run}/iter-{i}/evaluation/`. Artifacts
 already in storage for the same inputs are reused unless `refresh`.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +30,7 @@ from flows.concurrency import gpu_slot_names, hold_slots
 from flows.lease import flow_run_lease
 from metareward import evaluation
 from metareward.checkpoints import ModelRef, resolve_model
+from metareward.checks import GateChecks
 from metareward.config import RunConfig
 from metareward.lease import RunLeaseHeld
 from metareward.storage import Store
@@ -61,6 +62,7 @@ class EvaluationOutcome(BaseModel):
     models: EvaluationModels
     win_rate: dict[str, Any]
     judge_accuracy: list[dict[str, Any]]
+    checks: GateChecks
 
 
 def _resolve(spec: ModelRef | str, store: Store) -> ModelRef:
@@ -102,9 +104,14 @@ def resolve_models(
             )
         model = stored(iteration)
     if baseline is None:
-        if iteration > 1 and iteration - 1 not in trained:
+        # The checkpoint iteration i started from: M_{i-1}, or the last promoted one before it.
+        bases = {record.iteration: record.base for record in history if record.complete and record.base is not None}
+        if iteration in bases:
+            baseline = bases[iteration]
+        elif iteration > 1 and iteration - 1 not in trained:
             raise ValueError(f"iteration {iteration - 1} of run {config.name} has no trained checkpoint in storage to compare with")
-        baseline = seed if iteration == 1 else stored(iteration - 1)
+        else:
+            baseline = seed if iteration == 1 else stored(iteration - 1)
     judge = seed if config.evaluation.judge == "seed" else _resolve(config.evaluation.judge, store)
     return EvaluationModels(iteration=iteration, model_x=_resolve(model, store), model_y=_resolve(baseline, store), judge=judge)
 
@@ -133,6 +140,21 @@ def judge_accuracy(config: RunConfig, models: EvaluationModels, engines: evaluat
     for row in rows:
         get_run_logger().info("iteration %d: judge accuracy of %s (%s): %s", models.iteration, row["role"], row["model"], row["accuracy"])
     return rows
+
+
+@task(name="post-evaluation-checks", task_run_name="post-evaluation-checks-iter-{iteration}", **_TASK_OPTIONS)
+def post_evaluation_checks(
+    config: RunConfig, iteration: int, win: dict[str, Any], accuracy: list[dict[str, Any]]
+) -> GateChecks:
+    """The checks on M_i after the evaluation (win rate, judge accuracy against M_{i-1}): a Parquet
+    table beside the evaluation's and a table artifact in the UI, one row per check."""
+    uri, key, results = evaluation.evaluate_checks(Store(config.storage), config, iteration, win, accuracy)
+    create_table_artifact(
+        [result.model_dump() for result in results],
+        key=artifact_key(config.for_iteration(iteration), "post-evaluation-checks", "rows"),
+        description=f"Iteration {iteration}: the post-evaluation checks of M_i ({uri})",
+    )
+    return GateChecks(gate="post_evaluation", uri=uri, key=key, results=results)
 
 
 @flow(name="metareward-evaluate", flow_run_name="{config.name}-evaluate")
@@ -171,9 +193,10 @@ def _evaluate(
             accuracy = judge_accuracy(config, models, engines, refresh)
         finally:
             engines.release()
+    checks = post_evaluation_checks(config, models.iteration, win, accuracy)
     create_markdown_artifact(
         evaluation.evaluation_markdown(config.name, models.iteration, win, accuracy),
         key=artifact_key(config.for_iteration(models.iteration), "evaluation", "summary"),
         description=f"Iteration {models.iteration}: win rate, length-controlled win rate, judge accuracy",
     )
-    return EvaluationOutcome(run=config.name, models=models, win_rate=win, judge_accuracy=accuracy)
+    return EvaluationOutcome(run=config.name, models=models, win_rate=win, judge_accuracy=accuracy, checks=checks)

@@ -1,13 +1,15 @@
 """A named Meta-Rewarding run as a Prefect flow: iterations 1, 2, ... from the seed model M0.
 
 The run resumes after the last complete iteration it finds in storage (an iteration is complete
-once its `summary` artifact is written, the last stage), starting from that iteration's checkpoint,
-and stops after iteration `max_iterations`. It also stops, with the reason in the logs and in its
+once its promotion record is written, its last write), starting from the last promoted checkpoint
+(`flows.iteration`: every trained M_i without the evaluation's gate), and stops after iteration
+`max_iterations`, or after `checks.max_consecutive_rejections` iterations in a row whose M_i was not
+promoted, or when a gate stops it (the flow run ends Failed with the gate's message). It also stops, with the reason in the logs and in its
 outcome, when an iteration had no preference pairs and so trained no model: a later iteration
 would see the same model again. `refresh=True` starts again from M0 and runs every stage again instead of taking its cached result.
 
 After each trained iteration, old checkpoints are pruned by `keep_last_checkpoints`
-(`metareward.checkpoints.prune_checkpoints`); resuming needs only the newest, which is always kept.
+(`metareward.checkpoints.prune_checkpoints`); the newest and the promoted base are always kept.
 
 `read_history` (a plain function, also behind `metareward status`) reads what storage holds of a run.
 """
@@ -22,6 +24,7 @@ from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.concurrency import hold_slots, run_slot_name
+from flows.gates import GateStopped
 from flows.generation import check_execution
 from flows.iteration import IterationOutcome, iteration_flow
 from flows.lease import flow_run_lease
@@ -35,7 +38,15 @@ from metareward.checkpoints import (
 )
 from metareward.config import RunConfig
 from metareward.lease import RunLeaseHeld, check_lease
-from metareward.runs import IterationRecord, base_of_iteration, check_stored_version, completed_prefix, read_history
+from metareward.runs import (
+    IterationRecord,
+    base_of_iteration,
+    check_stored_version,
+    completed_prefix,
+    promoted_base,
+    read_history,
+    trailing_rejections,
+)
 from metareward.storage import StorageConfig, Store
 from tasks.inputs import check_inputs_task
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
@@ -89,15 +100,18 @@ def run_seed_model(config: RunConfig) -> ModelRef:
 
 
 def _newest_checkpoint(config: RunConfig, done: list[IterationRecord]) -> ModelRef:
-    """The checkpoint the run continues from: the last trained iteration's, else M0."""
-    trained = [record for record in done if record.trained]
-    return trained[-1].model if trained else run_seed_model(config)
+    """The checkpoint the run continues from: the last promoted iteration's M_i, else M0."""
+    base = promoted_base(done)
+    return base.model if base is not None else run_seed_model(config)
 
 
 @task(name="prune-checkpoints", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
-def prune_checkpoints_task(storage: StorageConfig, run: str, keep_last: int | None, newest: int) -> CheckpointRetention:
-    """Old checkpoints of the run removed by the retention setting, keeping iteration `newest`'s."""
-    retention = prune_checkpoints(Store(storage), run, keep_last, newest)
+def prune_checkpoints_task(
+    storage: StorageConfig, run: str, keep_last: int | None, newest: int, base: int | None = None
+) -> CheckpointRetention:
+    """Old checkpoints of the run removed by the retention setting, keeping iteration `newest`'s and
+    the promoted base's (iteration `base`, the next iteration's starting point)."""
+    retention = prune_checkpoints(Store(storage), run, keep_last, newest, protect=() if base is None else (base,))
     if retention.pruned:
         get_run_logger().info(
             "pruned %d checkpoint(s) (keep_last_checkpoints %d): %s", len(retention.pruned), keep_last, ", ".join(retention.pruned)
@@ -141,6 +155,16 @@ def run_flow(
                 return _skipped(config, f"another writer holds the run's lease ({error.holder.describe()})")
             # One line in the log and the UI instead of a traceback; the caller gets `error` raised.
             return Failed(message=str(error), data=error)
+        except GateStopped as error:  # a gate's policy, a rejection, a timeout: its message names the checks or the gate
+            get_run_logger().error("run %s stopped: %s", config.name, error)
+            return Failed(message=str(error), data=error)
+
+
+def _rejections_stop(config: RunConfig, rejected: int) -> str:
+    return (
+        f"stopped: the M_i of the last {rejected} iteration(s) in a row were not promoted "
+        f"(checks.max_consecutive_rejections {config.checks.max_consecutive_rejections}); see their promotion records"
+    )
 
 
 def _skipped(config: RunConfig, why: str) -> RunOutcome:
@@ -166,6 +190,11 @@ def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | No
         return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
     if done and not done[-1].trained:
         stopped = f"iteration {done[-1].iteration} trained no model, so the run cannot go on: {done[-1].message}"
+        logger.warning(stopped)
+        return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
+    rejected = trailing_rejections(done)
+    if rejected >= config.checks.max_consecutive_rejections:
+        stopped = _rejections_stop(config, rejected)
         logger.warning(stopped)
         return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
 
@@ -194,6 +223,10 @@ def _run_iterations(
         last = min(last, start + max_new_iterations - 1)
     outcomes: list[IterationOutcome] = []
     stopped = None
+    history = read_history_task(config.storage, config.name)
+    rejected = trailing_rejections(completed_prefix(history)[: start - 1])
+    promoted = promoted_base(completed_prefix(history)[: start - 1])
+    base = promoted.iteration if promoted is not None else None  # the iteration whose M_i is the base (None: M0)
     for iteration in range(start, last + 1):
         check_lease(config.storage, config.name)  # a lost lease (another writer took it over) stops here
         outcome = iteration_flow(config, iteration, model, refresh)
@@ -202,8 +235,19 @@ def _run_iterations(
             stopped = f"iteration {iteration} trained no model, so the run stops: {outcome.message}"
             logger.warning(stopped)
             break
-        model = outcome.model
-        prune_checkpoints_task(config.storage, config.name, config.keep_last_checkpoints, iteration)
+        if outcome.promoted:
+            model, base, rejected = outcome.model, iteration, 0
+        else:
+            rejected += 1
+            logger.warning("iteration %d: M%d not promoted (%s); the next iteration starts again from %s",
+                           iteration, iteration, outcome.promotion_reason, model.uri)
+        prune_checkpoints_task(
+            config.storage, config.name, config.keep_last_checkpoints, iteration, base
+        )
+        if rejected >= config.checks.max_consecutive_rejections:
+            stopped = _rejections_stop(config, rejected)
+            logger.warning(stopped)
+            break
     if stopped is None:
         stopped = (
             f"reached max_iterations ({config.max_iterations})"

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metareward.checks.config import ChecksConfig
 from metareward.engines.base import EngineConfig
 from metareward.execution import ExecutionConfig
 from metareward.meta import DEFAULT_L2, ELO_TIE_TOLERANCE
@@ -307,6 +308,7 @@ class IterationConfig(BaseModel):
     engine: EngineConfig
     shard_size: int = Field(ge=1)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
 
 
 class RunConfig(BaseModel):
@@ -347,6 +349,8 @@ class RunConfig(BaseModel):
             part of a cache key: the same seeds give the same tables on either.
     Evaluation
         evaluation: win rate of M_i against M_{i-1} and judge accuracy (`EvaluationConfig`).
+        checks: judge-health checks and the gates that act on them: before training and, with the
+            evaluation, on M_i's promotion (`metareward.checks.ChecksConfig`, docs/diagnostics.md#checks).
     Per iteration
         iterations: overrides keyed by iteration number (1 = M0 -> M1). The paper's schedule
             (one source) reads::
@@ -387,6 +391,7 @@ class RunConfig(BaseModel):
     shard_size: int = Field(default=32, ge=1, description="Prompts per shard of generation, judging and meta-judging.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Stages run here or on a Ray cluster.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Win rate vs M_{i-1} and judge accuracy.")
+    checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Judge-health checks, the gates before training and after the evaluation.")
     iterations: dict[int, IterationOverrides] = Field(default_factory=dict, description="Per-iteration overrides (1 = M0 -> M1).")
 
     @field_validator("name")
@@ -445,6 +450,7 @@ class RunConfig(BaseModel):
             engine=self.engine,
             shard_size=self.shard_size,
             execution=self.execution,
+            checks=self.checks,
         )
 
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from metareward.checks import ChecksConfig
 from metareward.config import (
     ActorConfig,
     EvaluationConfig,
@@ -43,6 +44,7 @@ from metareward.engines.base import EngineConfig
 from metareward.schema import SCHEMA_VERSION
 from metareward.summaries import (
     ActorPairsSummary,
+    ChecksSummary,
     GenerateSummary,
     IterationSummary,
     JudgePairsSummary,
@@ -175,6 +177,11 @@ class TrainSettings(StageSettings):
     training: TrainingConfig
 
 
+class PreTrainChecksSettings(StageSettings):
+    iteration: int
+    checks: view(ChecksConfig, "thresholds")  # type: ignore[valid-type]  # the gate's policy acts on the results, never changes them
+
+
 class SummarySettings(StageSettings):
     iteration: int
 
@@ -229,6 +236,22 @@ JUDGE_PAIRS = Stage(
     uses_checkpoint=False,
     summary=JudgePairsSummary,
 )
+# The checks before training read what the judge and meta-judge produced and the pairs, and the
+# previous iteration (score change, length growth) through its summary's fingerprint.
+PRE_TRAIN_CHECKS = Stage(
+    "pre_train_checks",
+    PreTrainChecksSettings,
+    {
+        "responses": "generate",
+        "judgments": "judge",
+        "meta_judgments": "meta_judge",
+        "actor_pairs": "actor_pairs",
+        "judge_pairs": "judge_pairs",
+        "previous": "summary",
+    },
+    uses_checkpoint=False,
+    summary=ChecksSummary,
+)
 TRAIN = Stage(
     "train", TrainSettings, {"actor_pairs": "actor_pairs", "judge_pairs": "judge_pairs"}, uses_checkpoint=True, summary=TrainSummary
 )
@@ -236,14 +259,17 @@ TRAIN = Stage(
 SUMMARY = Stage(
     "summary",
     SummarySettings,
-    {stage.name: stage.name for stage in (SAMPLE_PROMPTS, GENERATE, JUDGE, META_JUDGE, ACTOR_PAIRS, JUDGE_PAIRS, TRAIN)},
+    {
+        stage.name: stage.name
+        for stage in (SAMPLE_PROMPTS, GENERATE, JUDGE, META_JUDGE, ACTOR_PAIRS, JUDGE_PAIRS, PRE_TRAIN_CHECKS, TRAIN)
+    },
     uses_checkpoint=True,
     summary=IterationSummary,
 )
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in (SAMPLE_PROMPTS, GENERATE, JUDGE, META_JUDGE, ACTOR_PAIRS, JUDGE_PAIRS, TRAIN, SUMMARY)
+    for stage in (SAMPLE_PROMPTS, GENERATE, JUDGE, META_JUDGE, ACTOR_PAIRS, JUDGE_PAIRS, PRE_TRAIN_CHECKS, TRAIN, SUMMARY)
 }
 
 
@@ -283,6 +309,10 @@ class EvalJudgeAccuracySettings(StageSettings):
     evaluation: view(EvaluationConfig, "preference_set")  # type: ignore[valid-type]  # a column of the table
 
 
+class PostEvaluationChecksSettings(StageSettings):
+    checks: view(ChecksConfig, "thresholds")  # type: ignore[valid-type]
+
+
 EVAL_RESPONSES = Stage("evaluate_responses", EvalResponsesSettings, {}, uses_checkpoint=True, reads_prompt_pool=True)
 EVAL_COMPARISONS = Stage(
     "evaluate_comparisons",
@@ -301,10 +331,19 @@ EVAL_JUDGE_ACCURACY = Stage(
     {"judgments_x": "evaluate_preference_judgments", "judgments_y": "evaluate_preference_judgments"},
     uses_checkpoint=False,
 )
+# The checks after the evaluation (the post-evaluation gate), on M_i's win rate and judge accuracy.
+POST_EVALUATION_CHECKS = Stage(
+    "post_evaluation_checks",
+    PostEvaluationChecksSettings,
+    {"win_rate": "evaluate_win_rate", "judge_accuracy": "evaluate_judge_accuracy"},
+    uses_checkpoint=False,
+)
 
 EVALUATION_STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in (EVAL_RESPONSES, EVAL_COMPARISONS, EVAL_WIN_RATE, EVAL_PREFERENCE_JUDGMENTS, EVAL_JUDGE_ACCURACY)
+    for stage in (
+        EVAL_RESPONSES, EVAL_COMPARISONS, EVAL_WIN_RATE, EVAL_PREFERENCE_JUDGMENTS, EVAL_JUDGE_ACCURACY, POST_EVALUATION_CHECKS
+    )
 }
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from metareward import contract
 from metareward.checkpoints import MANIFEST_NAME, ModelRef
+from metareward.gates import read_promotion
 from metareward.stages import PROMPTS, SUMMARY, read_summaries
 from metareward.storage import Store, is_complete, read_artifact, read_manifest
 from metareward.summaries import StageSummaries
@@ -52,10 +53,12 @@ def check_stored_version(store: Store, run: str) -> None:
 class IterationRecord(BaseModel):
     """What storage holds of one iteration.
 
-    complete: its summary artifact exists. trained: it produced a checkpoint (`model`, M_i) from
-    `base` (M_{i-1}). pruned: that checkpoint is no longer in storage (removed by
-    `keep_last_checkpoints`, or by hand). stages: every stage's typed summary from the summary
-    artifact. artifacts: the names of the artifacts present and complete under `iter-{i}/`.
+    complete: its summary artifact and its promotion record exist (a gate still waiting, or one
+    that timed out, leaves it incomplete). trained: it produced a checkpoint (`model`, M_i) from
+    `base`. promoted: M_i became the next iteration's base (`promotion_reason` says why or why
+    not). pruned: that checkpoint is no longer in storage (removed by `keep_last_checkpoints`, or by
+    hand). stages: every stage's typed summary from the summary artifact (the pre-train checks
+    among them). artifacts: the names of the artifacts present and complete under `iter-{i}/`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -65,6 +68,8 @@ class IterationRecord(BaseModel):
     trained: bool = False
     base: ModelRef | None = None
     model: ModelRef | None = None
+    promoted: bool = False
+    promotion_reason: str | None = None
     pruned: bool = False
     message: str | None = None
     stages: StageSummaries = Field(default_factory=StageSummaries)
@@ -86,11 +91,14 @@ def read_history(store: Store, run: str) -> list[IterationRecord]:
         stages = read_summaries(read_artifact(store, summary_uri))
         trained = stages.train
         model = trained.model if trained is not None else None
+        promotion = read_promotion(store, run, iteration)
         records.append(
             IterationRecord(
                 iteration=iteration,
-                complete=True,
+                complete=promotion is not None,
                 trained=model is not None,
+                promoted=promotion is not None and promotion.promoted,
+                promotion_reason=promotion.reason if promotion is not None else None,
                 base=stages.summary.base if stages.summary is not None else None,  # None: stored by pipeline 2
                 model=model,
                 pruned=model is not None and not store.exists(store.join(model.uri, MANIFEST_NAME)),
@@ -100,6 +108,23 @@ def read_history(store: Store, run: str) -> list[IterationRecord]:
             )
         )
     return records
+
+
+def promoted_base(done: list[IterationRecord]) -> IterationRecord | None:
+    """The last iteration of `done` whose M_i was promoted: its M_i is the next iteration's base
+    (None: M0)."""
+    promoted = [record for record in done if record.trained and record.promoted]
+    return promoted[-1] if promoted else None
+
+
+def trailing_rejections(done: list[IterationRecord]) -> int:
+    """How many iterations at the end of `done` in a row trained an M_i that was not promoted."""
+    count = 0
+    for record in reversed(done):
+        if not record.trained or record.promoted:
+            break
+        count += 1
+    return count
 
 
 def completed_prefix(history: list[IterationRecord]) -> list[IterationRecord]:
@@ -120,22 +145,25 @@ class UnavailableBase(ValueError):
 
 
 def base_of_iteration(history: list[IterationRecord], iteration: int, run: str) -> ModelRef | None:
-    """The checkpoint iteration `iteration` starts from: M_{I-1} of the complete, trained
-    iterations before it; None for iteration 1 (M0, which the caller resolves). Refused, naming
-    why, when that checkpoint was never trained or has been pruned."""
+    """The checkpoint iteration `iteration` starts from: the M_i of the last promoted iteration
+    among the complete, trained iterations before it (M_{I-1} when it was promoted); None when
+    none was promoted (M0, which the caller resolves). Refused, naming why, when the iterations
+    before it are not all complete and trained, or that checkpoint has been pruned."""
     if iteration == 1:
         return None
     done = completed_prefix(history)
     if len(done) < iteration - 1 or not done[iteration - 2].trained:
         trained = sum(record.trained for record in done)
         raise UnavailableBase(
-            f"iteration {iteration} starts from M{iteration - 1}, but run {run} has {trained} trained iteration(s) "
-            f"in a row from iteration 1"
+            f"iteration {iteration} starts after iteration {iteration - 1}, but run {run} has {trained} complete trained "
+            "iteration(s) in a row from iteration 1"
         )
-    base = done[iteration - 2]
+    base = promoted_base(done[: iteration - 1])
+    if base is None:
+        return None
     if base.pruned:
         raise UnavailableBase(
-            f"iteration {iteration} starts from M{iteration - 1}, whose checkpoint was pruned (keep_last_checkpoints); "
-            "`metareward run --refresh` trains the run again from M0"
+            f"iteration {iteration} starts from M{base.iteration} (the last promoted checkpoint), which was pruned "
+            "(keep_last_checkpoints); `metareward run --refresh` trains the run again from M0"
         )
     return base.model

@@ -151,6 +151,18 @@ class TrainSummary(StageSummary):
         return data
 
 
+class ChecksSummary(StageSummary):
+    """A gate's checks: their names by result (`metareward.checks`; the table holds each value).
+    passed: no check failed."""
+
+    gate: str
+    passed: bool
+    failed: list[str] = Field(default_factory=list)
+    warned: list[str] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)
+    checks: int = 0
+
+
 class IterationSummary(StageSummary):
     """The iteration at a glance: its base M_{i-1}, M_i (None when it trained nothing) and the key
     counts of its stages (None for a stage that did not run)."""
@@ -183,5 +195,6 @@ class StageSummaries(BaseModel):
     meta_judge: MetaJudgeSummary | None = None
     actor_pairs: ActorPairsSummary | None = None
     judge_pairs: JudgePairsSummary | None = None
+    pre_train_checks: ChecksSummary | None = None
     train: TrainSummary | None = None
     summary: IterationSummary | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any, Callable, ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from metareward import contract
@@ -36,6 +37,7 @@ from metareward.stages import (
     META_TARGETS,
     SCORES,
     ActorPairsResult,
+    ChecksResult,
     GenerateResult,
     JudgePairsResult,
     JudgeResult,
@@ -195,6 +197,34 @@ def judge_pairs(
     return _finish(store, config, result)
 
 
+@_stage_task(contract.PRE_TRAIN_CHECKS)
+def pre_train_checks(
+    storage: StorageConfig,
+    config: IterationConfig,
+    responses: GenerateResult,
+    judgments: JudgeResult,
+    actor_pairs: ActorPairsResult,
+    meta_judgments: MetaJudgeResult | None = None,
+    judge_pairs: JudgePairsResult | None = None,
+    previous: SummaryResult | None = None,
+) -> ChecksResult:
+    """The judge-health checks before training (one row per check in the UI's table artifact);
+    `previous`: the previous iteration's summary, for the changes against it."""
+    upstream = {
+        "responses": responses, "judgments": judgments, "actor_pairs": actor_pairs,
+        "meta_judgments": meta_judgments, "judge_pairs": judge_pairs, "previous": previous,
+    }
+    store = _begin(contract.PRE_TRAIN_CHECKS, storage, config, None, upstream)
+    settings = contract.PreTrainChecksSettings.of(config)
+    result = stage_functions.pre_train_checks(
+        store, config.run, settings, responses.uri, judgments.uri, actor_pairs.uri,
+        meta_judgments.uri if meta_judgments is not None else None,
+        judge_pairs.uri if judge_pairs is not None else None,
+        previous.uri if previous is not None else None,
+    )
+    return _finish(store, config, result)
+
+
 @_stage_task(contract.TRAIN)
 def train(
     storage: StorageConfig,
@@ -223,6 +253,14 @@ def summary(storage: StorageConfig, config: IterationConfig, model: ModelRef, re
     store = _begin(contract.SUMMARY, storage, config, model, {"results": results})
     settings = contract.SummarySettings.of(config)
     return _finish(store, config, stage_functions.summary(store, config.run, settings, model, results))
+
+
+@task(name="previous-iteration-summary", cache_policy=NO_CACHE, retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
+def previous_iteration_summary(storage: StorageConfig, config: IterationConfig) -> SummaryResult | None:
+    """The previous iteration's stored summary (None in iteration 1): the checks compare with it."""
+    if config.iteration == 1:
+        return None
+    return stage_functions.stored_summary(Store(storage), config.run, config.iteration - 1)
 
 
 class StageRuns:

@@ -44,7 +44,7 @@ RUN_TIMEOUT_S = 900
 # The README's screenshots (docs/prefect-ui-*.png) are refreshed by a run with
 # METAREWARD_SCREENSHOT_DIR=docs; otherwise they go to the test's temporary folder.
 SCREENSHOT_NAMES = ("prefect-ui-flow-run.png", "prefect-ui-artifacts.png")
-STAGES = ["sample-prompts", "generate", "judge", "actor-pairs", "train", "summary"]
+STAGES = ["sample-prompts", "generate", "judge", "actor-pairs", "pre-train-checks", "train", "summary"]
 GENERATION_STAGES = ["generate", "judge"]
 
 

@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 RUN = "e2e"
 PROMPTS, K, N, SHARD_SIZE = 3, 3, 3, 1
-ALL_STAGES = ["sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "train", "summary"]
+ALL_STAGES = ["sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "pre_train_checks", "train", "summary"]
 KILL_TIMEOUT_S = 1200
 
 
@@ -161,6 +161,21 @@ def test_run_writes_every_artifact_with_its_schema_and_consistent_counts(main_ru
     assert record.stages.judge.judgments == len(judgments)
     assert record.base == main_run.seed and record.stages.summary.model == new_model
 
+    # the pre-train checks: one row per declared check, in the summary and the UI; the default gate
+    # policy `warn` goes on; without the evaluation M_1 is promoted, and that record closes the iteration
+    from metareward.checks import CHECKS
+    from metareward.gates import read_gate_record, read_promotion
+
+    checks = read_artifact(store, store.stage_uri(RUN, 1, "pre_train_checks"))
+    assert list(checks["check"]) == [name for name, check in CHECKS.items() if check.gate == "pre_train"]
+    assert set(checks["status"]) <= {"pass", "warn", "fail", "skipped"}
+    assert sorted(record.stages.pre_train_checks.failed) == sorted(checks.loc[checks["status"] == "fail", "check"])
+    gate = read_gate_record(store, RUN, 1, "pre_train")
+    assert gate.decision == ("warned" if record.stages.pre_train_checks.failed else "passed") and gate.policy == "warn"
+    promotion = read_promotion(store, RUN, 1)
+    assert promotion.promoted and promotion.base == main_run.seed and promotion.model == new_model
+    assert record.promoted and iteration.promoted
+
     # what a person sees in the UI: per stage a summary, a preview of the rows, a link to the
     # Parquet file, and for the long stages a progress bar that ended at 100
     from prefect.artifacts import Artifact
@@ -242,7 +257,7 @@ def test_the_run_flow_starts_again_at_an_iteration_and_refuses_a_base_it_lacks(m
     assert rerun.iterations[0].states == {stage: "Cached" for stage in ALL_STAGES}
     assert rerun.iterations[0].summary.base == main_run.seed
 
-    with pytest.raises(UnavailableBase, match="iteration 3 starts from M2"):
+    with pytest.raises(UnavailableBase, match="iteration 3 starts after iteration 2"):
         run_flow(config.model_copy(update={"max_iterations": 3}), start_iteration=3)
     assert main_run.store.list_iterations(RUN) == [1]  # refused before any stage ran
 

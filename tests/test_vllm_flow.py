@@ -26,7 +26,7 @@ from metareward.storage import Store, read_artifact
 pytestmark = [pytest.mark.vllm_flow, pytest.mark.e2e, pytest.mark.model]
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
-STAGES = ["sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "train", "summary"]
+STAGES = ["sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "pre_train_checks", "train", "summary"]
 
 
 def _engine_children() -> list[int]:

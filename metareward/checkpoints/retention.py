@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +33,9 @@ class CheckpointRetention(BaseModel):
     pruned: list[str] = Field(default_factory=list)
 
 
-def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int) -> CheckpointRetention:
+def prune_checkpoints(
+    store: Store, run: str, keep_last: int | None, newest: int, protect: Sequence[int] = ()
+) -> CheckpointRetention:
     """Remove old checkpoints `{run}/iter-{i}/model` of `run`, keeping the newest `keep_last`.
 
     `newest` is the iteration just trained: its checkpoint is the one the next iteration starts
@@ -43,6 +45,9 @@ def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int
     one, complete or left over from a failed upload. Checkpoints of iterations after `newest` (left
     by an earlier run before a refresh) are not touched: the run rewrites them as it goes on. The
     seed M0 never lies in the run's folder and is never touched; neither is a local download cache.
+
+    `protect`: iterations whose checkpoints stay whatever their age (the promoted base the next
+    iteration starts from, when the newest M_i was not promoted).
 
     `keep_last` None or 0 keeps everything and touches no storage. A checkpoint is removed manifest
     first, so a reader sees "no checkpoint" from then on, never a partial one that seems whole.
@@ -71,6 +76,8 @@ def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int
     for iteration in iterations:
         if iteration >= kept[0]:
             break
+        if iteration in protect:
+            continue
         uri = store.checkpoint_uri(run, iteration)
         if not store.exists(uri):
             continue
@@ -83,5 +90,7 @@ def prune_checkpoints(store: Store, run: str, keep_last: int | None, newest: int
     if pruned:
         logger.info("run %s: pruned %d checkpoint(s) (keep_last %d): %s", run, len(pruned), keep_last, ", ".join(pruned))
     return CheckpointRetention(
-        keep_last=keep_last, kept=[store.checkpoint_uri(run, iteration) for iteration in kept], pruned=pruned
+        keep_last=keep_last,
+        kept=[store.checkpoint_uri(run, iteration) for iteration in sorted({*kept, *(i for i in protect if i in complete)})],
+        pruned=pruned
     )

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from metareward import contract, prompt_sources
+from metareward.checks import CheckResult, evaluation_figures, read_results, results_table, run_checks
 from metareward.checkpoints import ModelRef
 from metareward.config import RunConfig
 from metareward.engines.base import Engine, EngineConfig
@@ -36,6 +37,7 @@ COMPARISONS = "comparisons"
 WIN_RATE = "win_rate"
 PREFERENCE_JUDGMENTS = "preference_judgments"
 JUDGE_ACCURACY = "judge_accuracy"
+POST_EVALUATION_CHECKS = "post_evaluation_checks"
 
 EngineFor = Callable[[EngineConfig, ModelRef], Engine]
 
@@ -212,3 +214,19 @@ def evaluate_judge_accuracy(
     for row in rows:
         row["uri"] = uri
     return rows
+
+
+def evaluate_checks(
+    store: Store, config: RunConfig, iteration: int, win: dict[str, Any], accuracy: list[dict[str, Any]]
+) -> tuple[str, str, list[CheckResult]]:
+    """The post-evaluation checks (`metareward.checks`) on the win rate and the judge accuracies:
+    writes `post_evaluation_checks` and returns its URI, its fingerprint and the results."""
+    uri = evaluation_uri(store, config.name, iteration, POST_EVALUATION_CHECKS)
+    upstream = {"win_rate": win["uris"][WIN_RATE], "judge_accuracy": accuracy[0]["uri"]}
+    info = _info(store, contract.POST_EVALUATION_CHECKS, config, None, upstream)
+
+    def compute() -> pd.DataFrame:
+        return results_table(run_checks("post_evaluation", config.checks.thresholds, evaluation_figures(win, accuracy)))
+
+    table = _stored_or_computed(store, uri, info, compute, refresh=False)
+    return uri, info.fingerprint, read_results(table)

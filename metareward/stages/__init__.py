@@ -18,6 +18,7 @@ itself and returns its typed `StageResult` (artifact URIs, the fingerprint, a ty
                        meta_judgments   [sharded]    both orders of every pair of its valid judgments
     actor_pairs     -> actor_pairs                   length-controlled best vs worst response
     judge_pairs     -> elo, judge_pairs              position-weighted battles, Bradley-Terry Elo, best vs worst judgment
+    pre_train_checks -> pre_train_checks             the judge-health checks before training (`metareward.checks`)
     train           -> train (metrics) + model       DPO on the union of actor and judge pairs: M_{i-1} -> M_i
     summary         -> summary                       one row per stage of the iteration, and the iteration's own
 
@@ -41,6 +42,7 @@ every shard again. `train` releases the engines before DPO.
 """
 
 from metareward.stages.actor import generate, response_id_of, sample_prompts
+from metareward.stages.checks import pre_train_checks
 from metareward.stages.common import stage_fingerprint
 from metareward.stages.judging import judge, judgment_id_of, meta_judge
 from metareward.stages.results import (
@@ -51,6 +53,7 @@ from metareward.stages.results import (
     JUDGMENTS,
     META_JUDGMENTS,
     META_TARGETS,
+    PRE_TRAIN_CHECKS,
     PROMPTS,
     RESPONSES,
     SCORES,
@@ -58,6 +61,7 @@ from metareward.stages.results import (
     TRAIN,
     TRAIN_STATE,
     ActorPairsResult,
+    ChecksResult,
     GenerateResult,
     JudgePairsResult,
     JudgeResult,
@@ -69,16 +73,16 @@ from metareward.stages.results import (
 )
 from metareward.stages.selection import actor_pairs, judge_pairs
 from metareward.stages.sharding import ShardJob, ShardReport, ShardRunner, run_shard, shard_prompt_ids, shard_seed
-from metareward.stages.train import read_summaries, summary, summary_keys, train
+from metareward.stages.train import read_summaries, stored_summary, summary, summary_keys, train
 from metareward.stages.verdicts import force_verdicts
 
 __all__ = [
-    "ACTOR_PAIRS", "ADAPTER", "ELO", "JUDGE_PAIRS", "JUDGMENTS", "META_JUDGMENTS", "META_TARGETS", "PROMPTS",
+    "ACTOR_PAIRS", "ADAPTER", "ELO", "JUDGE_PAIRS", "JUDGMENTS", "META_JUDGMENTS", "META_TARGETS", "PRE_TRAIN_CHECKS", "PROMPTS",
     "RESPONSES", "SCORES", "SUMMARY", "TRAIN", "TRAIN_STATE",
-    "ActorPairsResult", "GenerateResult", "JudgePairsResult", "JudgeResult", "MetaJudgeResult",
+    "ActorPairsResult", "ChecksResult", "GenerateResult", "JudgePairsResult", "JudgeResult", "MetaJudgeResult",
     "SamplePromptsResult", "StageResult", "SummaryResult", "TrainResult",
     "ShardJob", "ShardReport", "ShardRunner",
     "actor_pairs", "force_verdicts", "generate", "judge", "judge_pairs", "judgment_id_of", "meta_judge",
-    "read_summaries", "response_id_of", "run_shard", "sample_prompts", "shard_prompt_ids", "shard_seed",
-    "stage_fingerprint", "summary", "summary_keys", "train",
+    "pre_train_checks", "read_summaries", "response_id_of", "run_shard", "sample_prompts", "shard_prompt_ids", "shard_seed",
+    "stage_fingerprint", "stored_summary", "summary", "summary_keys", "train",
 ]

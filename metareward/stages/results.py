@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from metareward.checkpoints import ADAPTER_NAME, ModelRef
 from metareward.summaries import (
     ActorPairsSummary,
+    ChecksSummary,
     GenerateSummary,
     IterationSummary,
     JudgePairsSummary,
@@ -29,6 +30,7 @@ ELO = "elo"
 JUDGE_PAIRS = "judge_pairs"
 TRAIN = "train"
 SUMMARY = "summary"
+PRE_TRAIN_CHECKS = "pre_train_checks"
 # Folders of the train stage besides `model` (M_i): the LoRA adapter (a checkpoint a vLLM engine
 # serves as a LoRA) and the trainer checkpoints a killed stage resumes from.
 ADAPTER = ADAPTER_NAME
@@ -86,6 +88,12 @@ class TrainResult(StageResult):
     @property
     def model(self) -> ModelRef | None:
         return self.summary.model
+
+
+class ChecksResult(StageResult):
+    """The checks of a gate: their table (`uri`) and which passed, warned, failed or were skipped."""
+
+    summary: ChecksSummary
 
 
 class SummaryResult(StageResult):

@@ -16,7 +16,7 @@ from metareward.execution import RayExecutionConfig
 from metareward.schema import KIND, KIND_ACTOR, KIND_JUDGE, PAIRS_COLUMNS, STATUS_FORCED
 from metareward.stages.common import ProgressCallback, artifact_uri, checkpoint_fs, read_tables, report_progress, stage_info
 from metareward.stages.results import ACTOR_PAIRS, ADAPTER, JUDGE_PAIRS, SUMMARY, TRAIN, TRAIN_STATE, StageResult, SummaryResult, TrainResult
-from metareward.storage import Store, read_manifest, write_artifact
+from metareward.storage import Store, is_complete, read_artifact, read_manifest, write_artifact
 from metareward.summaries import IterationSummary, StageSummaries, StageSummary, TrainSummary
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,16 @@ def summary(store: Store, run: str, settings: SummarySettings, model: ModelRef, 
 def _json(summary: StageSummary) -> str:
     """A summary as stored: JSON without the fields that do not apply (None), as diagnostics read it."""
     return json.dumps(summary.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+def stored_summary(store: Store, run: str, iteration: int) -> SummaryResult | None:
+    """The `summary` stage's result of a stored iteration (None when it has none): what the next
+    iteration's checks read the previous iteration through."""
+    uri = store.stage_uri(run, iteration, SUMMARY)
+    if not is_complete(store, uri):
+        return None
+    overview = read_summaries(read_artifact(store, uri)).summary
+    return SummaryResult(stage=SUMMARY, uri=uri, uris={SUMMARY: uri}, key=read_manifest(store, uri)["fingerprint"], summary=overview)
 
 
 def read_summaries(table: pd.DataFrame) -> StageSummaries:

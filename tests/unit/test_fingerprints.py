@@ -29,8 +29,11 @@ from metareward.stages import stage_fingerprint
 from metareward.storage import StorageConfig, Store
 
 ITERATIONS = (1, 2)
-STAGES = ("sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "train", "summary")
-EVAL = ("eval_responses", "eval_comparisons", "eval_win_rate", "eval_preference_judgments", "eval_judge_accuracy")
+STAGES = ("sample_prompts", "generate", "judge", "meta_judge", "actor_pairs", "judge_pairs", "pre_train_checks", "train", "summary")
+EVAL = (
+    "eval_responses", "eval_comparisons", "eval_win_rate", "eval_preference_judgments", "eval_judge_accuracy",
+    "eval_post_evaluation_checks",
+)
 
 
 def at(iteration: int, *stages: str) -> set[str]:
@@ -45,9 +48,9 @@ def after(stage: str, iteration: int) -> set[str]:
         "sample_prompts": STAGES,
         "generate": STAGES[1:],
         "judge": STAGES[2:],
-        "meta_judge": ("meta_judge", "judge_pairs", "train", "summary"),
-        "actor_pairs": ("actor_pairs", "train", "summary"),
-        "judge_pairs": ("judge_pairs", "train", "summary"),
+        "meta_judge": ("meta_judge", "judge_pairs", "pre_train_checks", "train", "summary"),
+        "actor_pairs": ("actor_pairs", "pre_train_checks", "train", "summary"),
+        "judge_pairs": ("judge_pairs", "pre_train_checks", "train", "summary"),
         "train": ("train", "summary"),
     }[stage]
     changed = at(iteration, *downstream)
@@ -57,7 +60,10 @@ def after(stage: str, iteration: int) -> set[str]:
 
 
 # M_2 is the evaluation's X, M_1 its Y: a new M_1 or M_2 changes the responses, so everything after them.
-EVAL_OF_NEW_MODEL = {"eval_responses", "eval_comparisons", "eval_win_rate", "eval_preference_judgments", "eval_judge_accuracy"}
+EVAL_OF_NEW_MODEL = set(EVAL)
+# The checks read iteration i's tables and, for the changes against it, iteration i-1's summary;
+# their thresholds are one settings view for both gates.
+CHECKS = at(1, "pre_train_checks", "summary") | at(2, "pre_train_checks", "summary") | {"eval_post_evaluation_checks"}
 EVERYTHING = after("sample_prompts", 1) | at(2, "sample_prompts")
 SAMPLING_OF_BOTH = EVERYTHING  # iteration 1's sample decides where iteration 2's starts
 
@@ -133,6 +139,17 @@ for i in ITERATIONS:
             f"iterations.{i}.meta_judge_max_tokens": after("meta_judge", i),
         }
     )
+# The post-evaluation checks read the win rate and the judge accuracies.
+for name, stages in EXPECTED.items():
+    if stages & {"eval_win_rate", "eval_judge_accuracy"}:
+        stages.add("eval_post_evaluation_checks")
+EXPECTED.update(
+    {
+        f"checks.thresholds.{check}.{bound}": CHECKS
+        for check in RunConfig.model_fields["checks"].annotation.model_fields["thresholds"].annotation.model_fields
+        for bound in ("warn", "fail", "min_count")
+    }
+)
 # Iteration 1's sample size also moves where iteration 2's sample starts (without replacement).
 EXPECTED["iterations.1.prompts_per_iteration"] = EVERYTHING
 EXPECTED["iterations.2.prompts_per_iteration"] = after("sample_prompts", 2)
@@ -166,6 +183,12 @@ ALLOWLIST: dict[str, str] = {
     "engine.timeout_s": "a server request's time limit",
     "execution.backend": "where the shards run; the same seeds give the same tables on Ray",
     "evaluation.at_end_of_iteration": "whether the evaluation runs after each iteration, not what it computes",
+    # a gate acts on the checks' results (go on, stop, wait for a person); it never changes them
+    "checks.pre_train.policy": "what the pre-train gate does with failed checks",
+    "checks.pre_train.timeout_s": "how long the pre-train gate waits for a person",
+    "checks.post_evaluation.policy": "what the post-evaluation gate does with failed checks",
+    "checks.post_evaluation.timeout_s": "how long the post-evaluation gate waits for a person",
+    "checks.max_consecutive_rejections": "when the run stops, not what an iteration computes",
     **{f"execution.ray.{name}": "where and how the shards run on Ray" for name in RunConfig.model_fields["execution"].annotation.model_fields["ray"].annotation.model_fields},
 }
 
@@ -241,6 +264,12 @@ def fingerprints(config: RunConfig, store: Store) -> dict[str, str]:
         if settings.pairs.train_judge_pairs:
             meta = key("meta_judge", common)
             trained_on["judge_pairs"] = key("judge_pairs", {**common, "meta_judgments": meta}, None)
+        checked = {"responses": responses, "judgments": judgments, **trained_on}
+        if settings.pairs.train_judge_pairs:
+            checked["meta_judgments"] = meta
+        if i > 1:
+            checked["previous"] = found[f"summary@{i - 1}"]
+        key("pre_train_checks", checked, None)
         train = key("train", trained_on)
         key("summary", {name.split("@")[0]: value for name, value in found.items() if name.endswith(f"@{i}")})
         model = models[i] = _sha(f"checkpoint trained by {train}")
@@ -261,12 +290,13 @@ def _evaluation(config: RunConfig, store: Store, found: dict[str, str], x: str, 
     judge = _seed_sha(config) if config.evaluation.judge == "seed" else _sha(f"checkpoint {config.evaluation.judge}")
     responses = {f"responses_{role}": key(f"eval_responses_{role}", contract.EVAL_RESPONSES, sha, {}) for role, sha in (("x", x), ("y", y))}
     comparisons = key("eval_comparisons", contract.EVAL_COMPARISONS, judge, responses)
-    key("eval_win_rate", contract.EVAL_WIN_RATE, None, {"comparisons": comparisons})
+    win_rate = key("eval_win_rate", contract.EVAL_WIN_RATE, None, {"comparisons": comparisons})
     judgments = {
         f"judgments_{role}": key(f"eval_preference_judgments_{role}", contract.EVAL_PREFERENCE_JUDGMENTS, sha, {})
         for role, sha in (("x", x), ("y", y))
     }
-    key("eval_judge_accuracy", contract.EVAL_JUDGE_ACCURACY, None, judgments)
+    accuracy = key("eval_judge_accuracy", contract.EVAL_JUDGE_ACCURACY, None, judgments)
+    key("eval_post_evaluation_checks", contract.POST_EVALUATION_CHECKS, None, {"win_rate": win_rate, "judge_accuracy": accuracy})
 
 
 def _label(name: str) -> str:

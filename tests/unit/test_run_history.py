@@ -9,14 +9,16 @@ import pandas as pd
 import pytest
 
 from metareward.checkpoints import ModelRef
-from metareward.runs import IterationRecord, UnavailableBase, base_of_iteration
+from metareward.runs import IterationRecord, UnavailableBase, base_of_iteration, promoted_base, trailing_rejections
 from metareward.stages import read_summaries
 
 M = [ModelRef(uri=f"/runs/r/iter-{i}/model", sha256=f"{i}" * 64) for i in range(4)]
 
 
-def _trained(iteration: int, pruned: bool = False) -> IterationRecord:
-    return IterationRecord(iteration=iteration, complete=True, trained=True, base=M[iteration - 1], model=M[iteration], pruned=pruned)
+def _trained(iteration: int, pruned: bool = False, promoted: bool = True) -> IterationRecord:
+    return IterationRecord(
+        iteration=iteration, complete=True, trained=True, promoted=promoted, base=M[iteration - 1], model=M[iteration], pruned=pruned
+    )
 
 
 def test_iteration_one_starts_from_the_seed_and_later_ones_from_the_checkpoint_before():
@@ -27,13 +29,23 @@ def test_iteration_one_starts_from_the_seed_and_later_ones_from_the_checkpoint_b
 
 
 def test_a_base_never_trained_or_pruned_is_refused_naming_why():
-    with pytest.raises(UnavailableBase, match="iteration 3 starts from M2, but run r has 1 trained"):
+    with pytest.raises(UnavailableBase, match="iteration 3 starts after iteration 2, but run r has 1 complete trained"):
         base_of_iteration([_trained(1)], 3, "r")
     untrained = IterationRecord(iteration=2, complete=True, trained=False, message="no pairs")
-    with pytest.raises(UnavailableBase, match="starts from M2"):
+    with pytest.raises(UnavailableBase, match="iteration 3 starts after iteration 2"):
         base_of_iteration([_trained(1), untrained], 3, "r")
     with pytest.raises(UnavailableBase, match="pruned"):
         base_of_iteration([_trained(1, pruned=True), _trained(2)], 2, "r")
+
+
+def test_an_iteration_whose_model_was_not_promoted_leaves_the_base_where_it_was():
+    history = [_trained(1), _trained(2, promoted=False), _trained(3, promoted=False)]
+    assert base_of_iteration(history, 3, "r") == M[1]  # iteration 2's M2 was rejected: M1 stays the base
+    assert base_of_iteration(history, 4, "r") == M[1]
+    assert trailing_rejections(history) == 2 and promoted_base(history).iteration == 1
+    assert base_of_iteration([_trained(1, promoted=False)], 2, "r") is None  # M0, which the caller resolves
+    with pytest.raises(UnavailableBase, match="M1 .*pruned"):
+        base_of_iteration([_trained(1, pruned=True), _trained(2, promoted=False)], 3, "r")
 
 
 def test_stored_summaries_read_back_typed_including_pipeline_2_checkpoint_strings():
