@@ -40,7 +40,7 @@ browser:
 SERVE_PORT ?= 4200
 CONFIG ?= configs/demo.yaml
 serve: install
-	@PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:$(SERVE_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(SERVE_PORT) > .prefect-server.log 2>&1 & \
+	@PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_URL=http://127.0.0.1:$(SERVE_PORT) PREFECT_UI_API_URL=http://127.0.0.1:$(SERVE_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(SERVE_PORT) > .prefect-server.log 2>&1 & \
 	server=$$!; trap 'kill $$server' EXIT INT TERM; \
 	until curl -sf http://127.0.0.1:$(SERVE_PORT)/api/health >/dev/null; do \
 		kill -0 $$server 2>/dev/null || { cat .prefect-server.log; exit 1; }; sleep 1; done; \

@@ -1,4 +1,5 @@
-"""`metareward status`: the forced verdicts of the judge and of the meta-judge, side by side."""
+"""`metareward status`: the forced verdicts of the judge and of the meta-judge, side by side, and
+whether each iteration's M_i was promoted."""
 
 from __future__ import annotations
 
@@ -36,3 +37,6 @@ def test_status_shows_the_forced_counts_of_the_judge_and_of_the_meta_judge(tmp_p
     by_column = dict(zip(columns, cells))
     assert by_column["forced"] == "23" and by_column["meta forced"] == "17", (columns, cells)
     assert by_column["meta"] == str(meta_judgments)
+    # a complete trained iteration: its M_i promoted (no evaluation gate), and no pre-train checks stored
+    assert by_column["state"] == "trained" and by_column["promoted"] == "yes" and by_column["checks"] == "-"
+    assert "promoted checkpoint: M1 iter-1/model" in result.stdout

@@ -241,7 +241,7 @@ def test_changing_rho_recomputes_pair_selection_and_what_follows_only(main_run):
     outcome = iteration_flow(config, 1, main_run.seed)
 
     recomputed = {stage for stage, state in outcome.states.items() if state != "Cached"}
-    assert recomputed == {"actor_pairs", "train", "summary"}
+    assert recomputed == {"actor_pairs", "pre_train_checks", "train", "summary"}
     assert set(outcome.states.values()) <= {"Cached", "Completed"}
     manifest = read_manifest(main_run.store, main_run.store.stage_uri(RUN, 1, "actor_pairs"))
     assert manifest["config"]["pairs"]["rho"] == 0.3

@@ -133,8 +133,8 @@ def _print_status(store, run: str) -> list:
         return history
     table = Table(title=f"run {run} ({store.run_uri(run)})")
     # Forced verdicts beside the valid ones, judge and meta-judge alike: a demo's are nearly all forced (README).
-    for column in ("iter", "state", "checkpoint", "prompts", "responses", "judgments", "score", "forced",
-                   "meta", "meta forced", "actor pairs", "judge pairs", "loss"):
+    for column in ("iter", "state", "checkpoint", "promoted", "prompts", "responses", "judgments", "score", "forced",
+                   "meta", "meta forced", "actor pairs", "judge pairs", "checks", "loss"):
         table.add_column(column, justify="left" if column in ("state", "checkpoint") else "right")
     for record in history:
         stages = record.stages
@@ -147,6 +147,7 @@ def _print_status(store, run: str) -> list:
             str(record.iteration),
             state,
             (record.model.sha256[:12] + (" (pruned)" if record.pruned else "")) if record.model else "-",
+            ("yes" if record.promoted else "no") if record.complete and record.trained else "-",
             _number(stages.sample_prompts.prompts if stages.sample_prompts else None),
             _number(stages.generate.responses if stages.generate else None),
             _number(judge.judgments if judge else None),
@@ -156,10 +157,25 @@ def _print_status(store, run: str) -> list:
             _number(meta.statuses.get("forced") if meta else None),
             _number(stages.actor_pairs.pairs if stages.actor_pairs else None),
             _number(stages.judge_pairs.pairs) if stages.judge_pairs else ("not trained" if record.complete else "-"),
+            _checks(stages.pre_train_checks),
             _number(stages.train.final_loss if stages.train else None),
         )
     console.print(table)
     for record in history:
         if record.message:
             console.print(f"iteration {record.iteration}: {record.message}")
+        if record.complete and record.trained and not record.promoted:
+            console.print(f"iteration {record.iteration}: M{record.iteration} not promoted: {record.promotion_reason}")
+    promoted = [record for record in history if record.complete and record.trained and record.promoted]
+    if promoted:
+        base = promoted[-1]
+        console.print(f"promoted checkpoint: M{base.iteration} {base.model.uri} (sha256 {base.model.sha256[:12]})")
     return history
+
+
+def _checks(summary) -> str:
+    """The pre-train checks in one cell: `pass`, or how many failed and warned (names in `show`)."""
+    if summary is None:
+        return "-"
+    counts = [f"{len(names)} {word}" for names, word in ((summary.failed, "fail"), (summary.warned, "warn")) if names]
+    return ", ".join(counts) or "pass"

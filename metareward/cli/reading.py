@@ -43,10 +43,11 @@ def show(
                 continue
             summary = typed.model_dump(mode="json")
             counts = {name: value for name, value in summary.items() if not isinstance(value, (dict, list)) and name != "message"}
+            named = {name: value for name, value in summary.items() if isinstance(value, list) and value}  # the checks by result
             dropped = summary.get("dropped") or {}
             table.add_row(
                 stage,
-                ", ".join(f"{name} {_number(value)}" for name, value in counts.items()),
+                ", ".join([*(f"{name} {_number(value)}" for name, value in counts.items()), *(f"{name}: {' '.join(value)}" for name, value in named.items())]),
                 ", ".join(f"{reason} {count}" for reason, count in dropped.items() if count) or "-",
             )
         console.print(table)
