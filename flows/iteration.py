@@ -31,7 +31,6 @@ every trained M_i is promoted. The promotion record is the iteration's last writ
 
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack
 
 from prefect import flow, get_run_logger, task
@@ -45,13 +44,14 @@ from flows.gates import GateStopped, run_gate
 from flows.generation import check_execution, ensure_workers_gone, generation_subflow
 from metareward.checkpoints import ModelRef
 from metareward.checks import GateChecks, read_results
-from metareward.config import RunConfig
+from metareward.config import IterationConfig, RunConfig
 from metareward.engines import release_engines
 from metareward.gates import GateRecord, PromotionRecord, write_promotion
 from metareward.stages import ChecksResult, StageResult
 from metareward.storage import StorageConfig, Store, read_artifact
 from metareward.summaries import IterationSummary
 from tasks.report import report
+from tasks.reporting import artifact_key
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
 from tasks.stages import (
     StageRuns,
@@ -98,10 +98,10 @@ def gate_checks(storage: StorageConfig, result: ChecksResult) -> GateChecks:
 
 @task(name="record-promotion", task_run_name="record-promotion-iter-{record.iteration}", cache_policy=NO_CACHE,
       retry_condition_fn=retry_on_transient_fault, **RETRY_OPTIONS)
-def record_promotion(storage: StorageConfig, run: str, record: PromotionRecord) -> str:
+def record_promotion(storage: StorageConfig, config: IterationConfig, record: PromotionRecord) -> str:
     """The iteration's last write: whether M_i is the next iteration's base, and why (also a
     markdown artifact in the UI, `{run}-iter-{i}-promotion-summary`)."""
-    uri = write_promotion(Store(storage), run, record)
+    uri = write_promotion(Store(storage), config.run, record)
     i = record.iteration
     model = f"`{record.model.uri}` (sha256 `{record.model.sha256[:16]}`)" if record.model else "none"
     next_base = record.model if record.promoted and record.model else record.base
@@ -109,7 +109,7 @@ def record_promotion(storage: StorageConfig, run: str, record: PromotionRecord) 
         f"### Iteration {i}: M{i} {'promoted' if record.promoted else 'not promoted'}\n\n"
         f"- M{i}: {model}\n- why: {record.reason}\n- base of this iteration: `{record.base.uri}`\n"
         f"- the next iteration starts from: `{next_base.uri}` (sha256 `{next_base.sha256[:16]}`)\n",
-        key=re.sub(r"[^a-z0-9-]+", "-", f"{run}-iter-{i}-promotion-summary".lower()).strip("-"),
+        key=artifact_key(config, "promotion", "summary"),
         description=f"Iteration {i}: which checkpoint the next iteration starts from",
     )
     return uri
@@ -185,7 +185,7 @@ def iteration_flow(config: RunConfig, iteration: int, model: ModelRef, refresh: 
             "iteration %d: M%d = %s (sha256 %s), %s: %s", iteration, iteration, trained.model.uri, trained.model.sha256,
             "promoted" if promoted else "not promoted", reason,
         )
-    record_promotion(storage, config.name, PromotionRecord(iteration=iteration, base=model, model=trained.model, promoted=promoted, reason=reason))
+    record_promotion(storage, settings, PromotionRecord(iteration=iteration, base=model, model=trained.model, promoted=promoted, reason=reason))
     return IterationOutcome(
         iteration=iteration,
         base_model=model,
