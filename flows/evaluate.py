@@ -108,6 +108,9 @@ def resolve_models(
         bases = {record.iteration: record.base for record in history if record.complete and record.base is not None}
         if iteration in bases:
             baseline = bases[iteration]
+            of_run = [record.iteration for record in history if record.model is not None and record.model.sha256 == baseline.sha256]
+            if of_run:
+                baseline = stored(of_run[0])  # one of the run's checkpoints: refused when pruned
         elif iteration > 1 and iteration - 1 not in trained:
             raise ValueError(f"iteration {iteration - 1} of run {config.name} has no trained checkpoint in storage to compare with")
         else:

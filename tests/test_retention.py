@@ -15,6 +15,7 @@ from flows.run import prune_checkpoints_task
 from metareward.runs import completed_prefix, read_history
 from metareward.checkpoints import MANIFEST_NAME, CheckpointError, ModelRef, materialize, prune_checkpoints, ref_from_folder
 from metareward.config import RunConfig, load_config
+from metareward.gates import PromotionRecord, write_promotion
 from metareward.stages import TrainResult
 from metareward.summaries import TrainSummary
 from tests.fixtures import stage_calls
@@ -114,12 +115,14 @@ def test_prunes_on_s3(moto_s3, tmp_path):
 
 
 def _write_summaries(store: Store, seed: ModelRef, refs: list[ModelRef]) -> None:
-    """Each iteration's summary artifact, written by the real summary stage from a train result."""
+    """Each iteration's summary artifact, written by the real summary stage from a train result,
+    then its promotion record (M_i promoted, as without the evaluation's gate): complete iterations."""
     config = RunConfig(name=RUN, storage=store.config)
     base = seed
     for iteration, ref in enumerate(refs, start=1):
         trained = TrainResult(stage="train", uri=None, summary=TrainSummary(trained=True, pairs=2, model=ref))
         stage_calls.summary(store, config.for_iteration(iteration), base, [trained])
+        write_promotion(store, RUN, PromotionRecord(iteration=iteration, base=base, model=ref, promoted=True, reason="no gate"))
         base = ref
 
 
