@@ -166,6 +166,20 @@ def test_without_a_prefect_server_approve_refuses_before_starting_prefect(tmp_pa
     assert not list((tmp_path / "home").glob("*.db"))
 
 
+def test_a_run_whose_gate_would_wait_on_a_temporary_api_is_refused_before_prefect_starts(tmp_path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(tmp_path / "profiles.toml"))
+    config = tmp_path / "gated.yaml"
+    config.write_text(f"name: gated\nprompts:\n  per_iteration: 4\nstorage:\n  root: {tmp_path / 'runs'}\nchecks:\n  pre_train:\n    policy: approve\n")
+    for command in ("run", "iterate"):
+        result = subprocess.run(
+            [sys.executable, "-m", "metareward.cli", command, str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2, _output(result)
+        assert "checks.pre_train.policy is approve" in _output(result) and "no PREFECT_API_URL is set" in _output(result)
+    assert not list((tmp_path / "home").glob("*.db")) and not (tmp_path / "runs").exists()
+
+
 def test_an_unknown_gate_is_refused_by_its_choices(tmp_path):
     result = approve(dict(os.environ), "demo", "--iteration", "1", "--gate", "pre-train")
     assert result.returncode == 2

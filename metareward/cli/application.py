@@ -60,6 +60,34 @@ def _prepare_prefect() -> None:
         )
 
 
+def configured_api_url() -> str | None:
+    """The Prefect server's API a command reports to: `PREFECT_API_URL`, else the active profile's
+    (None: Prefect would start a temporary API). Reads the settings only; starts no client."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if url:
+        return url
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def _check_gates_answerable(config) -> None:
+    """A gate with policy `approve` waits for a person, who answers through the run's Prefect server
+    (its UI or `metareward approve`). On the temporary API this command would start nobody could:
+    refused with exit 2 before Prefect starts."""
+    gates = ["pre_train"] if config.checks.pre_train.policy == "approve" else []
+    if config.evaluation.at_end_of_iteration and config.checks.post_evaluation.policy == "approve":
+        gates.append("post_evaluation")
+    if gates and not configured_api_url():
+        console.print(
+            f"run {config.name}: checks.{gates[0]}.policy is approve, which waits for a person answering through the "
+            "Prefect server, but no PREFECT_API_URL is set (Prefect would start a temporary API nobody can reach): "
+            "start a server (`make serve`, or `prefect server start`) and set PREFECT_API_URL, or use policy warn or stop",
+            style="red", markup=False, soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
 @contextmanager
 def _writer_lease(config):
     """The run's writer lease (`metareward.lease`), taken before Prefect starts and held until the

@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metareward.cli.application import app, console
+from metareward.cli.application import app, configured_api_url, console
 
 # `metareward.checks.GATES`, spelled out so that `metareward --help` does not import pandas
 # (tests/test_gate_approve.py checks that the two agree).
@@ -48,16 +48,6 @@ def _default_by() -> str:
     except Exception:  # no USER and no passwd entry (some containers)
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def _api_url() -> str | None:
-    """The Prefect server's API: `PREFECT_API_URL`, else the active profile's. Reads the settings only."""
-    url = os.environ.get("PREFECT_API_URL", "").strip()
-    if url:
-        return url
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
 
 
 def _run_name(run_or_config: str) -> str:
@@ -138,7 +128,7 @@ def approve(
 
     Needs the run's Prefect server (PREFECT_API_URL, or the profile's api.url). The UI's Resume form does the same.
     """
-    api_url = _api_url()
+    api_url = configured_api_url()
     if not api_url:
         _fail(
             "metareward approve needs a Prefect server: set PREFECT_API_URL (or a Prefect profile's api.url) to the "

@@ -7,7 +7,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from metareward.cli.application import _lease_error, _load, _prepare_prefect, _print_status, _writer_lease, app, console
+from metareward.cli.application import (
+    _check_gates_answerable,
+    _lease_error,
+    _load,
+    _prepare_prefect,
+    _print_status,
+    _writer_lease,
+    app,
+    console,
+)
 
 
 def _check_execution(config) -> None:
@@ -95,6 +104,7 @@ def run(
     """Run the iterations of CONFIG, resuming after the last complete iteration in storage, up to max_iterations."""
     config = _load(config_path, inputs=True)
     _check_stored_version(config, refresh)
+    _check_gates_answerable(config)
     with _writer_lease(config):
         _prepare_prefect()
         _check_execution(config)
@@ -113,6 +123,7 @@ def iterate(
     """Run exactly one more iteration of CONFIG (within max_iterations), or iteration I again with --iteration I."""
     config = _load(config_path, inputs=True)
     _check_stored_version(config, refresh)
+    _check_gates_answerable(config)
     if iteration is not None:
         _check_base(config, iteration)
     with _writer_lease(config):
