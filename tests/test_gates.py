@@ -5,7 +5,7 @@ evaluation's gate, through a resume too.
 One tiny run (3 prompts, K=3, N=2, no meta-judge, 1 DPO step) in a local folder is shared, because
 CI time is finite: iteration 1 is trained once with the default `warn` policies; the tests then run
 iteration 2 under other gate settings, in file order. Only the first computes iteration 2's stages
-(they are cached after it: the gate's policy and the thresholds are in no stage's fingerprint but
+(with the engines loaded, which its gate releases before it waits; they are cached after it: the gate's policy and the thresholds are in no stage's fingerprint but
 the checks'); a failing check is forced by a `training_pairs` threshold no tiny run can meet, varied
 per test so that each asks a person anew (a decision is reused only for the same checks).
 """
@@ -120,6 +120,29 @@ def answer(flow_run, approve: bool, reason: str) -> None:
     resume_flow_run(flow_run.id, run_input=GateDecision(approve=approve, reason=reason, by="tester").model_dump())
 
 
+def test_an_approve_gate_rejected_through_the_api_stops_and_its_answer_is_kept(gated):
+    from flows.gates import GateStopped
+    from flows.run import run_flow
+    from metareward.engines import loaded_engines
+
+    config = gated_config(gated.root, gated.model_dir, fail_below=1e9, checks={"pre_train": approve_gate()})
+    running = FlowInThread(config)
+    paused = running.paused("pre_train")
+    # Iteration 2's stages ran for real (engines loaded): nothing waits holding a model in memory.
+    assert loaded_engines() == []
+    answer(paused, approve=False, reason="scores look inflated")
+    outcome, error = running.finished()
+    assert isinstance(error, GateStopped) and "rejected by tester (scores look inflated)" in str(error)
+    record = read_gate_record(gated.store, RUN, 2, "pre_train")
+    assert (record.decision, record.by, record.reason) == ("rejected", "tester", "scores look inflated")
+    assert not gated.store.exists(gated.store.checkpoint_uri(RUN, 2))
+
+    # The same checks again: the stored answer stands, nobody is asked (a pause would time out in 5 s).
+    again = gated_config(gated.root, gated.model_dir, fail_below=1e9, checks={"pre_train": approve_gate(timeout_s=5)})
+    with pytest.raises(GateStopped, match="rejected by tester"):
+        run_flow(again)
+
+
 def test_failing_checks_under_the_stop_policy_end_the_run_before_training(gated):
     from flows.gates import GateStopped
     from flows.run import run_flow
@@ -134,25 +157,6 @@ def test_failing_checks_under_the_stop_policy_end_the_run_before_training(gated)
     record = read_gate_record(store, RUN, 2, "pre_train")
     assert record.decision == "stopped" and record.failed == ["training_pairs"]
     assert [item.complete for item in read_history(store, RUN)] == [True, False]
-
-
-def test_an_approve_gate_rejected_through_the_api_stops_and_its_answer_is_kept(gated):
-    from flows.gates import GateStopped
-    from flows.run import run_flow
-
-    config = gated_config(gated.root, gated.model_dir, fail_below=1e9, checks={"pre_train": approve_gate()})
-    running = FlowInThread(config)
-    answer(running.paused("pre_train"), approve=False, reason="scores look inflated")
-    outcome, error = running.finished()
-    assert isinstance(error, GateStopped) and "rejected by tester (scores look inflated)" in str(error)
-    record = read_gate_record(gated.store, RUN, 2, "pre_train")
-    assert (record.decision, record.by, record.reason) == ("rejected", "tester", "scores look inflated")
-    assert not gated.store.exists(gated.store.checkpoint_uri(RUN, 2))
-
-    # The same checks again: the stored answer stands, nobody is asked (a pause would time out in 5 s).
-    again = gated_config(gated.root, gated.model_dir, fail_below=1e9, checks={"pre_train": approve_gate(timeout_s=5)})
-    with pytest.raises(GateStopped, match="rejected by tester"):
-        run_flow(again)
 
 
 def test_a_gate_nobody_answers_stops_the_run_naming_the_gate(gated):
