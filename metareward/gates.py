@@ -14,7 +14,6 @@ the pausing and the Prefect events live in `flows.gates`.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from metareward.checkpoints import ModelRef
 from metareward.checks import Gate
-from metareward.storage import Store
+from metareward.storage import Store, slug
 
 Decision = Literal["passed", "warned", "stopped", "approved", "rejected", "timed_out", "cancelled"]
 PERSON_DECISIONS: tuple[Decision, ...] = ("approved", "rejected")
@@ -76,7 +75,7 @@ class PromotionRecord(BaseModel):
 def pause_key(run: str, iteration: int, gate: Gate) -> str:
     """The key of a gate's pause (Prefect's `pause_key`): `{run}-iter-{i}-{gate}`, lowercase, dashes."""
     raw = f"{run}-iter-{iteration}-{gate}"
-    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
+    return slug(raw)
 
 
 def gate_uri(store: Store, run: str, iteration: int, gate: Gate) -> str:

@@ -19,7 +19,6 @@ fingerprints), which takes a few manifest reads; computing them takes a few seco
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pandas as pd
@@ -29,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from metareward.config import IterationConfig
 from metareward.report import SECTIONS, IterationReport, data_uri, iteration_diagnostics, iteration_markdown, write_run_report
-from metareward.storage import StorageConfig, Store
+from metareward.storage import StorageConfig, Store, slug
 from tasks.reporting import artifact_key
 from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
 
@@ -37,7 +36,7 @@ from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
 def run_artifact_key(run: str, kind: str | None = None) -> str:
     """The stable Prefect artifact key of the run's report: `{run}-report` or `{run}-report-{kind}`."""
     raw = f"{run}-report" + (f"-{kind}" if kind else "")
-    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
+    return slug(raw)
 
 
 def _value(value: Any) -> Any:

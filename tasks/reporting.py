@@ -17,7 +17,6 @@ callback, in the process that runs the flow.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,7 +33,7 @@ from prefect.artifacts import (
 
 from metareward.config import IterationConfig
 from metareward.stages import StageResult, TrainResult
-from metareward.storage import DATA_FILE, Store, read_artifact
+from metareward.storage import DATA_FILE, Store, read_artifact, slug
 
 PREVIEW_ROWS = 20
 PREVIEW_TEXT_CHARS = 240
@@ -46,7 +45,7 @@ _listeners: list[ProgressListener] = []
 def artifact_key(config: IterationConfig, stage: str, kind: str) -> str:
     """The stable Prefect artifact key of one view of a stage: `{run}-iter-{i}-{stage}-{kind}`."""
     raw = f"{config.run}-iter-{config.iteration}-{stage}-{kind}"
-    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
+    return slug(raw)
 
 
 def add_progress_listener(listener: ProgressListener) -> None:

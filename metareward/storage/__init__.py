@@ -35,7 +35,7 @@ from metareward.storage.artifacts import (
 )
 from metareward.storage.config import ChecksumMode, StorageConfig
 from metareward.storage.errors import StorageError, TransientStorageError, is_transient_storage_error
-from metareward.storage.names import MANIFEST_FILE, TEMP_MARK, validate_run_name
+from metareward.storage.names import MANIFEST_FILE, TEMP_MARK, slug, validate_run_name
 from metareward.storage.sharded import PLAN_FILE, SHARDS_DIR, ShardedArtifact
 from metareward.storage.store import Store, parquet_bytes
 
@@ -58,6 +58,7 @@ __all__ = [
     "parquet_bytes",
     "read_artifact",
     "read_manifest",
+    "slug",
     "validate_run_name",
     "write_artifact",
 ]

@@ -15,6 +15,12 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_MARK = ".tmp-"
 
 
+def slug(text: str) -> str:
+    """`text` as a Prefect key (artifact keys, pause keys): lowercase letters, digits and single
+    dashes, every other character a dash."""
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
 def validate_run_name(name: str) -> str:
     """Return `name` if it is a safe run name, else raise ValueError saying what is wrong.
 
