@@ -54,7 +54,7 @@ from tasks.retries import RETRY_OPTIONS, retry_on_transient_fault
 
 class RunOutcome(BaseModel):
     """What a run flow returns: the iterations it ran now, where it resumed, why it stopped, and
-    the newest checkpoint of the run."""
+    the newest promoted checkpoint (the base of the run's next iteration)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -186,7 +186,7 @@ def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | No
         logger.info("run %s: iterations 1-%d are complete in storage", config.name, len(done))
     if len(done) >= config.max_iterations and done[-1].trained:
         stopped = f"finished: iterations 1-{len(done)} of max_iterations {config.max_iterations} are complete; nothing to do"
-        logger.info("run %s %s (newest checkpoint %s)", config.name, stopped, model.uri)
+        logger.info("run %s %s (promoted checkpoint %s)", config.name, stopped, model.uri)
         return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
     if done and not done[-1].trained:
         stopped = f"iteration {done[-1].iteration} trained no model, so the run cannot go on: {done[-1].message}"
@@ -254,6 +254,6 @@ def _run_iterations(
             if last >= config.max_iterations
             else f"ran the {max_new_iterations} iteration(s) asked for"
         )
-    logger.info("run %s stopped: %s; newest checkpoint %s", config.name, stopped, model.uri)
+    logger.info("run %s stopped: %s; promoted checkpoint %s", config.name, stopped, model.uri)
     resumed = start - 1 if resumed_after is None else resumed_after
     return RunOutcome(run=config.name, resumed_after=resumed, iterations=outcomes, stopped=stopped, model=model)

@@ -92,7 +92,7 @@ def _finish(config, outcome) -> None:
     from metareward.storage import Store
 
     console.print(f"\nRun [bold]{config.name}[/bold] stopped: {outcome.stopped}")
-    console.print(f"Newest checkpoint: {outcome.model.uri} (sha256 {outcome.model.sha256[:16]}...)")
+    console.print(f"Promoted checkpoint (the next iteration's base): {outcome.model.uri} (sha256 {outcome.model.sha256[:16]}...)")
     _print_status(Store(config.storage), config.name)
 
 
