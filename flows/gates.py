@@ -70,7 +70,7 @@ def _cancelled() -> bool:
     context = FlowRunContext.get()
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(context.flow_run.id).state
-    return state is not None and (state.is_cancelling() or state.is_cancelled() or state.is_final())
+    return state is not None and (state.is_cancelling() or state.is_final())
 
 
 def wait_for_decision(key: str, timeout_s: int) -> GateDecision:

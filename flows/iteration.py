@@ -93,7 +93,7 @@ class IterationOutcome(BaseModel):
 def gate_checks(storage: StorageConfig, result: ChecksResult) -> GateChecks:
     """A checks stage's results, read from its table."""
     results = read_results(read_artifact(Store(storage), result.uri))
-    return GateChecks(gate="pre_train", uri=result.uri, key=result.key, results=results)
+    return GateChecks(gate=result.summary.gate, uri=result.uri, key=result.key, results=results)
 
 
 @task(name="record-promotion", task_run_name="record-promotion-iter-{record.iteration}", cache_policy=NO_CACHE,
