@@ -198,7 +198,7 @@ def _continue_run(config: RunConfig, refresh: bool, max_new_iterations: int | No
         logger.warning(stopped)
         return RunOutcome(run=config.name, resumed_after=len(done), stopped=stopped, model=model)
 
-    return _run_iterations(config, refresh, max_new_iterations, len(done) + 1, model, resumed_after=len(done))
+    return _run_iterations(config, refresh, max_new_iterations, len(done) + 1, model, done)
 
 
 def _run_iterations(
@@ -207,10 +207,11 @@ def _run_iterations(
     max_new_iterations: int | None,
     start: int,
     model: ModelRef | None = None,
-    resumed_after: int | None = None,
+    done: list[IterationRecord] | None = None,
 ) -> RunOutcome:
-    """Iterations `start`, `start` + 1, ... from `model` (None: the checkpoint iteration `start`
-    starts from, read from storage and checked before any stage runs)."""
+    """Iterations `start`, `start` + 1, ... from `model` after `done`, the complete iterations before
+    `start` (both None: read from storage, the checkpoint iteration `start` starts from checked
+    before any stage runs)."""
     logger = get_run_logger()
     if start > config.max_iterations:
         raise ValueError(f"start_iteration {start} is past max_iterations ({config.max_iterations}) of run {config.name}")
@@ -218,14 +219,14 @@ def _run_iterations(
         history = read_history_task(config.storage, config.name, check_version=not refresh)
         model = base_of_iteration(history, start, config.name) or run_seed_model(config)
         logger.info("run %s: iteration %d starts again from %s", config.name, start, model.uri)
+        done = completed_prefix(history)[: start - 1]
     last = config.max_iterations
     if max_new_iterations is not None:
         last = min(last, start + max_new_iterations - 1)
     outcomes: list[IterationOutcome] = []
     stopped = None
-    history = read_history_task(config.storage, config.name)
-    rejected = trailing_rejections(completed_prefix(history)[: start - 1])
-    promoted = promoted_base(completed_prefix(history)[: start - 1])
+    rejected = trailing_rejections(done)
+    promoted = promoted_base(done)
     base = promoted.iteration if promoted is not None else None  # the iteration whose M_i is the base (None: M0)
     for iteration in range(start, last + 1):
         check_lease(config.storage, config.name)  # a lost lease (another writer took it over) stops here
@@ -255,5 +256,4 @@ def _run_iterations(
             else f"ran the {max_new_iterations} iteration(s) asked for"
         )
     logger.info("run %s stopped: %s; promoted checkpoint %s", config.name, stopped, model.uri)
-    resumed = start - 1 if resumed_after is None else resumed_after
-    return RunOutcome(run=config.name, resumed_after=resumed, iterations=outcomes, stopped=stopped, model=model)
+    return RunOutcome(run=config.name, resumed_after=start - 1, iterations=outcomes, stopped=stopped, model=model)
