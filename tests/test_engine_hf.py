@@ -400,3 +400,34 @@ def test_tiny_models_share_prefixes_where_every_layer_is_full_attention(name, ti
     finally:
         cached.close()
         plain.close()
+
+
+@pytest.mark.model
+def test_decoding_writes_into_reserved_room_with_the_numbers_of_a_growing_cache(tiny_models):
+    import torch
+
+    hf = _hf(tiny_models["qwen2"])
+    try:
+        prompts = [hf._encode(hf.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)) for p in JUDGE_PROMPTS[:2]]
+        rows, steps = torch.tensor([0, 0, 1]), torch.randint(0, 1000, (5, 3, 1), generator=torch.Generator().manual_seed(0))
+        logits = {}
+        for arm in ("concatenating", "reserved"):
+            state = hf.prefix_cache.prefill(prompts, hf.pad_token_id)
+            if arm == "reserved":
+                cache = state.for_decoding(rows, room=2)  # 5 steps: out of room at the third, moved to a larger buffer
+                assert type(cache.layers[0]).__name__ == "RoomyLayer"
+            else:
+                cache = state.cache
+                cache.reorder_cache(rows)
+            mask, positions, read = state.attention_mask[rows], state.next_positions[rows], []
+            with torch.inference_mode():
+                for step in steps:
+                    mask = torch.cat([mask, mask.new_ones((3, 1))], dim=1)
+                    output = hf.model(input_ids=step, attention_mask=mask, position_ids=positions[:, None], past_key_values=cache, use_cache=True)
+                    read.append(output.logits)
+                    positions = positions + 1
+            logits[arm] = torch.cat(read)
+            assert cache.get_seq_length() == mask.shape[1]
+        assert torch.equal(logits["concatenating"], logits["reserved"])
+    finally:
+        hf.close()

@@ -227,8 +227,7 @@ class HFEngine:
         distinct = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
         state = self.prefix_cache.prefill([list(prompt) for prompt in distinct], self.pad_token_id)
         rows = torch.tensor([distinct.index(tuple(prompt)) for prompt in prompts], device=self.device)
-        cache, logits = state.cache, state.logits[rows]
-        cache.reorder_cache(rows)  # a row per sample: the n samples of a prompt share its one prefill
+        cache, logits = state.for_decoding(rows, room=sampling.max_tokens), state.logits[rows]
         attention_mask, positions = state.attention_mask[rows], state.next_positions[rows]
         warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
         eos = torch.tensor(self.eos_token_ids, device=self.device)

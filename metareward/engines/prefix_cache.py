@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Sequence
 
 import torch
@@ -56,6 +57,39 @@ def _size(block: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return sum(keys.numel() * keys.element_size() + values.numel() * values.element_size() for keys, values in block)
 
 
+@cache  # one class: transformers is imported when a model is
+def _roomy_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A full-attention cache layer with room set aside for the tokens decoding adds: each step
+        writes its keys and values into that room, where `DynamicLayer` concatenates (a copy of the
+        whole cache per step: about half of a CPU decode step at the demo's sizes). Attention reads
+        the same values in the same order, so the numbers do not change (the tests check it)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self._reserve(keys, values, room)
+
+        def _reserve(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+            rows, heads, length, width = keys.shape
+            self._keys = keys.new_empty((rows, heads, length + room, width))
+            self._values = values.new_empty((rows, heads, length + room, width))
+            self._keys[:, :, :length], self._values[:, :, :length] = keys, values
+            self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+            length, new = self.keys.shape[-2], key_states.shape[-2]
+            if length + new > self._keys.shape[-2]:  # out of room: move to a larger buffer
+                self._reserve(self.keys, self.values, max(new, length))
+            self._keys[:, :, length : length + new], self._values[:, :, length : length + new] = key_states, value_states
+            self.keys, self.values = self._keys[:, :, : length + new], self._values[:, :, : length + new]
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
 @dataclass
 class Prefill:
     """A batch after its prefill: the next-token logits of each row's last token, and the state
@@ -65,6 +99,13 @@ class Prefill:
     cache: Any  # a transformers DynamicCache
     attention_mask: torch.Tensor  # [rows, cached + tail width]
     next_positions: torch.Tensor  # [rows]
+
+    def for_decoding(self, rows: torch.Tensor, room: int) -> Any:
+        """The cache with one row per entry of `rows` (a row of this batch each: the n samples of a
+        prompt share its one prefill) and room for `room` more tokens per row, written in place."""
+        layer_class = _roomy_layer_class()
+        self.cache.layers = [layer_class(layer.keys[rows], layer.values[rows], room) for layer in self.cache.layers]
+        return self.cache
 
 
 class PrefixCache:
