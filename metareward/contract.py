@@ -60,7 +60,9 @@ from metareward.training import TrainingConfig
 # rule, other sampled texts): every fingerprint changes with it, so nothing the old code computed is
 # reused. Manifests record it; `metareward run` refuses a run stored under another version.
 # 4: the hf engine reads shared prefixes once (its own sampling loop: other sampled texts).
-PIPELINE_VERSION = "metareward-pipeline-4"
+# 5: the hf engine's sampler finds the top-p nucleus among the top 1,024 tokens and draws from it
+#    with one uniform number per row (other sampled texts).
+PIPELINE_VERSION = "metareward-pipeline-5"
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 

@@ -53,6 +53,7 @@ from metareward.engines.choice import (
     render_choice_head,
 )
 from metareward.engines.prefix_cache import PrefixCache, supports
+from metareward.engines.sampling import sample_next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -220,16 +221,13 @@ class HFEngine:
 
     def _generate_from_prefixes(self, prompts: list[list[int]], sampling: Sampling, greedy: bool) -> list[list[int]]:
         """One batch through the prefix cache: each distinct prompt read once (its cached blocks,
-        then its tail), its rows decoded together. Sampling as `generate` does it (temperature,
-        then top-p, from the seeded random state); the tokens after a row's end are padding."""
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
+        then its tail), its rows decoded together. Sampling: temperature, then top-p, from the
+        seeded random state (`metareward.engines.sampling`); the tokens after a row's end are padding."""
         distinct = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
         state = self.prefix_cache.prefill([list(prompt) for prompt in distinct], self.pad_token_id)
         rows = torch.tensor([distinct.index(tuple(prompt)) for prompt in prompts], device=self.device)
         cache, logits = state.for_decoding(rows, room=sampling.max_tokens), state.logits[rows]
         attention_mask, positions = state.attention_mask[rows], state.next_positions[rows]
-        warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
         tokens = []
@@ -237,9 +235,7 @@ class HFEngine:
             if greedy:
                 next_tokens = logits.argmax(dim=-1)
             else:
-                for warper in warpers:
-                    logits = warper(None, logits)
-                next_tokens = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+                next_tokens = sample_next_tokens(logits, sampling.temperature, sampling.top_p)
             next_tokens = torch.where(unfinished, next_tokens, self.pad_token_id)
             tokens.append(next_tokens)
             unfinished &= ~torch.isin(next_tokens, eos)
