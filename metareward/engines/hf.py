@@ -204,6 +204,8 @@ class HFEngine:
             )
             results: dict[tuple[int, int], Completion] = {}
             # Seeded per call, and the caller's random state restored afterwards.
+            if self.prefix_cache is not None:
+                self.prefix_cache.forget_written()
             with torch.random.fork_rng(devices=self._rng_devices()), torch.inference_mode():
                 torch.manual_seed(sampling.seed)
                 for batch in _batches(sequences, self.config.batch_size):
@@ -251,7 +253,12 @@ class HFEngine:
                 logits_to_keep=1,
             ).logits[:, -1, :].float()
             positions = positions + 1
-        return torch.stack(tokens, dim=1).tolist()
+        generated = torch.stack(tokens, dim=1).tolist()
+        # Kept for `choose`: each row's tokens read back (all but the last drawn), up to its end.
+        read_back = [row[: len(tokens) - 1] for row in generated]
+        read_back = [row[: next((at for at, token in enumerate(row) if token in self.eos_token_ids), len(row))] for row in read_back]
+        self.prefix_cache.remember(prompts, read_back, cache, attention_mask, [state.cached[row] for row in rows.tolist()])
+        return generated
 
     def choose(
         self,
@@ -276,9 +283,10 @@ class HFEngine:
                 self._check_length(len(step.prompt_ids), 0, f"choose context (scoring step {position})")
             limits = None
             if self.prefix_cache is not None:
-                # The cache keeps blocks of the prompts `generate` read, not of the texts it wrote: each
-                # step reuses its prompt's blocks (one token short of it: the rationale's first
-                # characters may merge with the prompt's last token) and reads the rest as its tail.
+                # Blocks hold the prompts `generate` read, not the texts it wrote: a step reuses its
+                # prompt's blocks (one token short of it: the rationale's first characters may merge
+                # with the prompt's last token), and, where it continues a row of the last `generate`
+                # call, that row's keys and values as far as their token ids agree; the rest is its tail.
                 heads = [len(self._encode(render_choice_head(self.tokenizer, conversation))) - 1 for conversation in conversations]
                 limits = [head for head, plan in zip(heads, plans) for _ in plan.steps]
             step_logprobs = self._next_token_logprobs([step.prompt_ids for step in steps], [step.read_ids for step in steps], limits)
@@ -307,7 +315,9 @@ class HFEngine:
                     ).logits[:, -1, :]
                 else:
                     batch_limits = None if limits is None else [limits[index] for index in batch]
-                    logits = self.prefix_cache.prefill([prompts[index] for index in batch], self.pad_token_id, batch_limits).logits
+                    logits = self.prefix_cache.prefill(
+                        [prompts[index] for index in batch], self.pad_token_id, batch_limits, reuse_written=True
+                    ).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, index in enumerate(batch):
                     results[index] = {token: float(logprobs[row, token]) for token in reads[index]}

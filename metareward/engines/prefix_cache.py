@@ -13,6 +13,14 @@ cached prefix, together with the other blocks of the call missing at the same de
 a shard run again in a fresh process (a cold cache) reads the same numbers as the uninterrupted run
 (a warm one), and eviction never changes a result: the tests check it bit for bit.
 
+The rows of the last `generate` call are kept too (`remember`): each row's prompt, the tokens it
+generated, and the keys and values after its prompt's blocks (the prompt's tail from the batch's
+prefill, then the generated tokens from decoding). `choose` reads a context that continues a row's
+whole prompt from that row as far as their token ids agree, so a forced verdict after `generate`
+reads neither the prompt nor the rationale again. Which rows are kept depends only on that last call
+(never on the memory bound), and the stages call `choose` on a shard's judgments right after
+`generate` wrote them, in the same process: a shard run again computes the same rows the same way.
+
 `prefill` runs the part of each sequence after its cached blocks (at least its last token) for a
 batch: the cached blocks are left-padded to the batch's longest, the uncached tails left-padded
 after them, so the padding sits between each row's cached prefix and its tail (attention mask 0
@@ -99,6 +107,7 @@ class Prefill:
     cache: Any  # a transformers DynamicCache
     attention_mask: torch.Tensor  # [rows, cached + tail width]
     next_positions: torch.Tensor  # [rows]
+    cached: list[int]  # each row's tokens from blocks
 
     def for_decoding(self, rows: torch.Tensor, room: int) -> Any:
         """The cache with one row per entry of `rows` (a row of this batch each: the n samples of a
@@ -106,6 +115,18 @@ class Prefill:
         layer_class = _roomy_layer_class()
         self.cache.layers = [layer_class(layer.keys[rows], layer.values[rows], room) for layer in self.cache.layers]
         return self.cache
+
+
+@dataclass
+class Written:
+    """One row of the last `generate` call, kept for the `choose` that follows it: its token ids
+    (its prompt, then the tokens it generated and read back, up to its end) and the keys and values
+    of those after its prompt's cached blocks, per layer [heads, tokens, head dim]."""
+
+    ids: tuple[int, ...]
+    prompt_length: int
+    start: int  # tokens from blocks: the keys and values here are of ids[start:]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixCache:
@@ -119,10 +140,36 @@ class PrefixCache:
         self.bytes = 0
         self.hits = self.misses = 0  # blocks found / computed
         self.tail_tokens = 0  # tokens read by `prefill` after the cached blocks
+        self.written: list[Written] = []  # the rows of the last `generate` call
+        self.written_tokens = 0  # tokens `prefill` took from those rows
 
     def clear(self) -> None:
         self._blocks.clear()
         self.bytes = 0
+        self.forget_written()
+
+    def forget_written(self) -> None:
+        self.written = []
+
+    def remember(self, prompts: list[list[int]], generated: list[list[int]], cache: Any, attention_mask: torch.Tensor, cached: list[int]) -> None:
+        """Keep each decoded row for `choose`: its prompt, the `generated` tokens whose keys and
+        values `cache` holds (those read back, up to the row's end), and those keys and values after
+        its `cached` block tokens, taken from the positions `attention_mask` marks as real."""
+        for row, (prompt, tokens, start) in enumerate(zip(prompts, generated, cached)):
+            real = torch.nonzero(attention_mask[row]).flatten()[start : len(prompt) + len(tokens)]
+            layers = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in cache.layers]  # copies
+            self.written.append(Written((*prompt, *tokens), len(prompt), start, layers))
+
+    def _written_match(self, ids: list[int]) -> tuple[Written, int] | None:
+        """The row of the last `generate` call whose whole prompt `ids` continues, sharing the most
+        tokens with it, and how many (never `ids`' last token)."""
+        best = None
+        for written in self.written:
+            if len(ids) - 1 > written.prompt_length and tuple(ids[: written.prompt_length]) == written.ids[: written.prompt_length]:
+                common = next((at for at, (a, b) in enumerate(zip(ids[: len(ids) - 1], written.ids)) if a != b), min(len(ids) - 1, len(written.ids)))
+                if best is None or common > best[1]:
+                    best = (written, common)
+        return best
 
     def cached_length(self, length: int, limit: int | None = None) -> int:
         """How many leading tokens of a `length`-token sequence come from blocks: whole blocks
@@ -186,20 +233,38 @@ class PrefixCache:
             _, block = self._blocks.popitem(last=False)
             self.bytes -= _size(block)
 
-    def prefill(self, sequences: list[list[int]], pad_token_id: int, limits: list[int] | None = None) -> Prefill:
+    def prefill(self, sequences: list[list[int]], pad_token_id: int, limits: list[int] | None = None, reuse_written: bool = False) -> Prefill:
         """Read a batch of token sequences: their cached blocks (within `limits[row]` tokens, all
         whole blocks by default; computed where missing), then the tails in one batched forward pass.
-        Returns the last token's logits and the decoding state."""
+        With `reuse_written`, a sequence that continues the prompt of a row of the last `generate`
+        call takes that row's blocks and its keys and values as far as the two agree (`choose` after
+        `generate` reads neither the prompt nor the rationale again). Returns the last token's logits
+        and the decoding state."""
         device = self.model.device
-        cached = [self.cached_length(len(ids), None if limits is None else limits[row]) for row, ids in enumerate(sequences)]
-        self._compute_missing(sequences, cached)
+        matches = [self._written_match(ids) if reuse_written else None for ids in sequences]
+        blocks = [
+            match[0].start if match else self.cached_length(len(ids), None if limits is None else limits[row])
+            for row, (ids, match) in enumerate(zip(sequences, matches))
+        ]
+        self._compute_missing(sequences, blocks)
+        cached = [match[1] if match else length for match, length in zip(matches, blocks)]
+        self.written_tokens += sum(match[1] - match[0].start for match in matches if match)
         tails = [ids[length:] for ids, length in zip(sequences, cached)]
         width_cached, width_tail = max(cached), max(len(tail) for tail in tails)
         rows = len(sequences)
         past = None
         if width_cached:
-            # Each row's blocks left-padded to the longest cached part (zeros under attention mask 0).
-            joined = [self._joined(ids, length) if length else None for ids, length in zip(sequences, cached)]
+            # Each row's blocks (then its part of a written row) left-padded to the longest cached
+            # part (zeros under attention mask 0).
+            joined = [self._joined(ids, length) if length else None for ids, length in zip(sequences, blocks)]
+            for row, match in enumerate(matches):
+                if match:
+                    written, length = match
+                    extension = [(keys[:, : length - written.start], values[:, : length - written.start]) for keys, values in written.layers]
+                    joined[row] = [
+                        (torch.cat([keys, more_keys], dim=-2), torch.cat([values, more_values], dim=-2))
+                        for (keys, values), (more_keys, more_values) in zip(joined[row], extension)
+                    ] if joined[row] else extension
             reference = next(layers for layers in joined if layers)
             past = []
             for layer, (key, value) in enumerate(reference):
@@ -230,4 +295,4 @@ class PrefixCache:
             logits_to_keep=1,
         )
         next_positions = torch.tensor([len(ids) for ids in sequences], device=device)
-        return Prefill(output.logits[:, -1, :].float(), output.past_key_values, attention_mask, next_positions)
+        return Prefill(output.logits[:, -1, :].float(), output.past_key_values, attention_mask, next_positions, cached)
