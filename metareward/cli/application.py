@@ -31,6 +31,13 @@ app = typer.Typer(
 # A pipe or a log file gets wide lines rather than tables cut to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
+
+def print_error(message: str) -> None:
+    """An error for the user, in red, as one unbroken line (a log or a test reads it whole), with
+    markup off: a path, an exception or a quoted prompt may hold [brackets]."""
+    console.print(message, style="red", markup=False, soft_wrap=True)
+
+
 # Prefect reads its settings from the environment when it is imported, so these defaults are set
 # first (a value the user set wins). The temporary server needs more than the default 20 s to
 # start on a busy 2-core machine, the stage modules' own log lines belong in the run logs, and
@@ -79,11 +86,10 @@ def _check_gates_answerable(config) -> None:
     if config.evaluation.at_end_of_iteration and config.checks.post_evaluation.policy == "approve":
         gates.append("post_evaluation")
     if gates and not configured_api_url():
-        console.print(
+        print_error(
             f"run {config.name}: checks.{gates[0]}.policy is approve, which waits for a person answering through the "
             "Prefect server, but no PREFECT_API_URL is set (Prefect would start a temporary API nobody can reach): "
-            "start a server (`make serve`, or `prefect server start`) and set PREFECT_API_URL, or use policy warn or stop",
-            style="red", markup=False, soft_wrap=True,
+            "start a server (`make serve`, or `prefect server start`) and set PREFECT_API_URL, or use policy warn or stop"
         )
         raise typer.Exit(2)
 
@@ -99,14 +105,14 @@ def _writer_lease(config):
             try:
                 stack.enter_context(hold_run_lease(config.storage, config.name))
             except RunLeaseHeld as error:
-                console.print(str(error), style="red", markup=False, soft_wrap=True)
+                print_error(str(error))
                 raise typer.Exit(2) from None
             except (OSError, ValueError, RuntimeError) as error:  # the store cannot be reached or written
-                console.print(f"cannot take the writer lease of run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+                print_error(f"cannot take the writer lease of run {config.name}: {error}")
                 raise typer.Exit(1) from None
             yield
     except RunLeaseLost as error:  # the work ended, but another writer had taken the run over meanwhile
-        console.print(f"run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+        print_error(f"run {config.name}: {error}")
         raise typer.Exit(1) from None
 
 
@@ -115,7 +121,7 @@ def _lease_error(config, error: Exception) -> None:
     from metareward.lease import RunLeaseHeld, RunLeaseLost
 
     if isinstance(error, (RunLeaseHeld, RunLeaseLost)):
-        console.print(f"run {config.name}: {error}", style="red", markup=False, soft_wrap=True)
+        print_error(f"run {config.name}: {error}")
         raise typer.Exit(2 if isinstance(error, RunLeaseHeld) else 1) from None
 
 
@@ -126,8 +132,8 @@ def _load(config_path: Path, inputs: bool = False, evaluation: bool | None = Non
     try:
         config = load_config(config_path)
         notes = check_inputs(config, evaluation, source=str(config_path)) if inputs else []  # files read before Prefect starts
-    except ConfigError as error:  # markup off: a quoted prompt may hold [brackets]; soft_wrap: one unbroken line
-        console.print(str(error), style="red", markup=False, soft_wrap=True)
+    except ConfigError as error:
+        print_error(str(error))
         raise typer.Exit(2) from None
     for note in notes:
         console.print(note, style="yellow", markup=False, soft_wrap=True)

@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metareward.cli.application import app, configured_api_url, console
+from metareward.cli.application import app, configured_api_url, console, print_error
 
 # `metareward.checks.GATES`, spelled out so that `metareward --help` does not import pandas
 # (tests/test_gate_approve.py checks that the two agree).
@@ -38,7 +38,7 @@ _SCHEMA_WAIT_S = 15.0
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(message, style="red", markup=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -20,6 +20,7 @@ from metareward.cli.application import (
     _writer_lease,
     app,
     console,
+    print_error,
 )
 
 
@@ -34,7 +35,7 @@ def evaluate(
     """Win rate and length-controlled win rate of M_i against M_{i-1} on the held-out prompts, and both models' judge accuracy."""
     path = Path(run_or_config)
     if not path.is_file():
-        console.print(f"[red]{run_or_config}: not a config file; `evaluate` needs the run's config (its prompts, seed and engine)[/red]")
+        print_error(f"{run_or_config}: not a config file; `evaluate` needs the run's config (its prompts, seed and engine)")
         raise typer.Exit(2)
     config = _load(path, inputs=True, evaluation=True)
     with _writer_lease(config):  # the results go into the run's folder
@@ -46,7 +47,7 @@ def evaluate(
             outcome = evaluate_flow(config, iteration=iteration, refresh=refresh)
         except Exception as error:  # the flow's logs hold the traceback; say what failed plainly
             _lease_error(config, error)
-            console.print(f"[red]evaluation of {config.name} failed: {type(error).__name__}: {error}[/red]")
+            print_error(f"evaluation of {config.name} failed: {type(error).__name__}: {error}")
             raise typer.Exit(1) from None
     console.print(evaluation_markdown(config.name, outcome.models.iteration, outcome.win_rate, outcome.judge_accuracy), markup=False)
 
@@ -82,7 +83,7 @@ def report(
 
             uri = write_run_report(store, run_name).uri
     except Exception as error:  # a run without complete iterations, storage, the Prefect API: say what failed plainly
-        console.print(f"[red]report of {run_name} failed: {type(error).__name__}: {error}[/red]")
+        print_error(f"report of {run_name} failed: {type(error).__name__}: {error}")
         raise typer.Exit(1) from None
     from metareward.report import run_diagnostics
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metareward.cli.application import _load, app, console
+from metareward.cli.application import _load, app, console, print_error
 
 
 @app.command()
@@ -52,7 +52,7 @@ def plan(
         try:
             measured = measured_lengths(store, config.name)
         except (StorageError, OSError) as error:
-            console.print(f"[red]cannot read run {config.name} in {store.root}: {error}; --no-from-run plans from assumed lengths[/red]")
+            print_error(f"cannot read run {config.name} in {store.root}: {error}; --no-from-run plans from assumed lengths")
             raise typer.Exit(1) from None
     try:
         run_plan = plan_run(
@@ -64,7 +64,7 @@ def plan(
             measured=measured,
         )
     except PlanError as error:
-        console.print(f"[red]{error}[/red]")
+        print_error(str(error))
         raise typer.Exit(2) from None
 
     roles = ("actor", "judge", "meta_judge")

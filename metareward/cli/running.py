@@ -16,6 +16,7 @@ from metareward.cli.application import (
     _writer_lease,
     app,
     console,
+    print_error,
 )
 
 
@@ -28,7 +29,7 @@ def _check_execution(config) -> None:
     try:
         check_execution(config)
     except ExecutionError as error:
-        console.print(f"[red]{error}[/red]")
+        print_error(str(error))
         raise typer.Exit(2) from None
 
 
@@ -42,7 +43,7 @@ def _check_stored_version(config, refresh: bool) -> None:
     try:
         check_stored_version(Store(config.storage), config.name)
     except StoredRunVersionError as error:
-        console.print(str(error), style="red", markup=False, soft_wrap=True)
+        print_error(str(error))
         raise typer.Exit(2) from None
 
 
@@ -84,7 +85,7 @@ def _run_flow(config, refresh: bool, max_new_iterations: int | None, start_itera
             return run_flow(config, refresh=refresh, max_new_iterations=max_new_iterations, start_iteration=start_iteration)
     except Exception as error:  # the flow's logs above hold the traceback; say what failed plainly
         _lease_error(config, error)
-        console.print(f"[red]run {config.name} failed: {type(error).__name__}: {error}[/red]")
+        print_error(f"run {config.name} failed: {type(error).__name__}: {error}")
         raise typer.Exit(1) from None
 
 
@@ -145,11 +146,11 @@ def _check_base(config, iteration: int) -> None:
     from metareward.storage import Store
 
     if iteration > config.max_iterations:
-        console.print(f"[red]--iteration {iteration} is past max_iterations ({config.max_iterations}) of run {config.name}[/red]")
+        print_error(f"--iteration {iteration} is past max_iterations ({config.max_iterations}) of run {config.name}")
         raise typer.Exit(2)
     store = Store(config.storage)
     try:
         base_of_iteration(read_history(store, config.name), iteration, config.name)
     except UnavailableBase as error:
-        console.print(f"[red]{error} ({store.root})[/red]")
+        print_error(f"{error} ({store.root})")
         raise typer.Exit(2) from None
