@@ -123,6 +123,13 @@ def logs(client, flow_run_id: str) -> str:
     return "\n".join(log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A test run started in the background by a shell without job control (`pytest ... &`) ignores
+    # SIGINT, and Python keeps an inherited "ignore": serve.py would then not see the teardown's
+    # Ctrl-C at all (30 s, then SIGKILL, and no pausing of the schedules).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def ops(prefect_server, rclone_s3, seed_ref, seed_dir, tmp_path_factory):
     """The served deployments (deployments/serve.py) for the tiny run, and a client for the server."""
@@ -137,6 +144,7 @@ def ops(prefect_server, rclone_s3, seed_ref, seed_dir, tmp_path_factory):
         serve = subprocess.Popen(
             [sys.executable, "deployments/serve.py", "--config", str(config_path), "--timezone", TIMEZONE],
             cwd=REPO, env=prefect_server.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     with prefect_server.settings(), get_client(sync_client=True) as client:
         try:
