@@ -21,7 +21,11 @@ $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 
 install: $(VENV)/.installed
 
-test: test-base test-vllm test-vllm-flow
+# Both environments and the browser install side by side (pip waits on the package index and the disk
+# as much as on a core), then the three test runs go one after another, each needing both cores.
+test:
+	$(MAKE) -j3 --output-sync=target install browser $(VLLM_VENV)/.installed
+	$(MAKE) test-base test-vllm test-vllm-flow
 
 test-base: install browser
 	# The slowest tests and their set-up times close the log: the CI-time targets are tracked there.
