@@ -58,3 +58,11 @@ def test_plan_refuses_bad_numbers_and_bad_configs(tmp_path):
     bad.write_text("name: x\njudge: {tempreature: 0.5}\n")
     result = CliRunner().invoke(app, ["plan", str(bad)])
     assert result.exit_code == 2 and "unknown key 'judge.tempreature'" in result.output.replace("\n", "")
+
+
+def test_plan_prints_its_advice_whole():
+    # a terminal-wide wrap would split the advice where a reader (or a log search) looks for it
+    result = CliRunner().invoke(app, ["plan", str(PAPER_CONFIG), "--gpus", "3", "--no-from-run"])
+    assert result.exit_code == 0, result.output
+    [advice] = [line for line in result.output.splitlines() if line.startswith("execution.backend is local")]
+    assert advice.endswith("execution.ray.gpus_per_engine GPUs"), advice

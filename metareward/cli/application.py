@@ -38,6 +38,12 @@ def print_error(message: str) -> None:
     console.print(message, style="red", markup=False, soft_wrap=True)
 
 
+def print_warning(message: str) -> None:
+    """Advice the user should act on, in yellow, printed as `print_error` prints (a model path in
+    it may hold [brackets])."""
+    console.print(message, style="yellow", markup=False, soft_wrap=True)
+
+
 # Prefect reads its settings from the environment when it is imported, so these defaults are set
 # first (a value the user set wins). The temporary server needs more than the default 20 s to
 # start on a busy 2-core machine, the stage modules' own log lines belong in the run logs, and

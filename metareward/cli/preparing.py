@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metareward.cli.application import _load, app, console, print_error
+from metareward.cli.application import _load, app, console, print_error, print_warning
 
 
 @app.command()
@@ -129,7 +129,7 @@ def plan(
     if run_plan.train_tokens_per_second is None:
         console.print("DPO is not in the hours: give --train-tokens-per-second, the measured throughput of the DPO step.")
     for note in run_plan.notes:
-        console.print(f"[yellow]{note}[/yellow]")
+        print_warning(note)
     for item in run_plan.iterations:
         if item.shard_advice:
-            console.print(f"[yellow]iteration {item.iteration}: {item.shard_advice}[/yellow]")
+            print_warning(f"iteration {item.iteration}: {item.shard_advice}")
