@@ -147,12 +147,15 @@ train_dpo(pd.read_json(spec["pairs"]), ModelRef(**spec["base"]), spec["output"],
 def test_a_training_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_weights_and_losses(
     seed_ref: ModelRef, tmp_path: Path
 ) -> None:
+    import os
     import signal
     import subprocess
     import sys
     import time
 
     from safetensors.torch import load_file
+
+    from metareward.training.scratch import PREFIX, remove_abandoned
 
     config = TEST_CONFIG.model_copy(update={"max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 2})
     pairs = _pairs(GOOD_PAIRS)
@@ -163,7 +166,12 @@ def test_a_training_killed_after_its_first_checkpoint_resumes_to_the_uninterrupt
         "pairs": str(tmp_path / "pairs.json"), "base": seed_ref.model_dump(mode="json"), "output": str(output),
         "config": config.model_dump(mode="json"), "state": str(state),
     }))
-    child = subprocess.Popen([sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(spec)], stdout=subprocess.PIPE, text=True)
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(spec)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch_root)},
+    )  # fmt: skip
     try:
         # (the trainer prints its logs on the same stdout)
         assert any(line.strip() == "checkpoint 1 uploaded" for line in child.stdout), "the child ended before its first checkpoint"
@@ -173,6 +181,10 @@ def test_a_training_killed_after_its_first_checkpoint_resumes_to_the_uninterrupt
         if child.poll() is None:
             child.kill()
     assert (state / "checkpoint-1" / STATE_COMPLETE_MARKER).is_file() and not output.exists()
+    # the killed child's scratch folder (its local trainer checkpoint) is left, and the next training sweeps it
+    [abandoned] = scratch_root.glob(PREFIX + "*")
+    assert (abandoned / "trainer" / "checkpoint-1" / "optimizer.pt").is_file()
+    assert remove_abandoned(str(scratch_root)) == [abandoned]
 
     resumed = train_dpo(pairs, seed_ref, str(output), config, state_uri=str(state))
     straight = train_dpo(pairs, seed_ref, str(tmp_path / "straight" / "model"), config)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from metareward.training.ray_train import (
     run_ray_train,
 )
 from metareward.training.resume import _checkpoint_step, _find_resume, _job_fingerprint
+from metareward.training.scratch import scratch_folder
 
 if TYPE_CHECKING:
     import fsspec
@@ -179,8 +179,7 @@ def train_dpo(
         "transformers": importlib.metadata.version("transformers"),
     }
 
-    with tempfile.TemporaryDirectory(prefix="metareward-train-") as scratch:
-        scratch_dir = Path(scratch)
+    with scratch_folder() as scratch_dir:
         if on_ray:
             spec = RayTrainSpec(
                 token=uuid.uuid4().hex,
