@@ -22,19 +22,14 @@ $(VENV)/.installed: pyproject.toml $(BASE_CONSTRAINTS)
 install: $(VENV)/.installed
 
 # Both environments and the browser install side by side (pip waits on the package index and the disk
-# as much as on a core). Then two test runs, one after the other as each needs both cores: the base
-# environment's, with the vLLM flow among them (its engine runs on .venv-vllm; one run saves a
-# second collection and Prefect start-up), and the vLLM environment's.
+# as much as on a core), then the three test runs go one after another, each needing both cores.
 test:
 	$(MAKE) -j3 --output-sync=target install browser $(VLLM_VENV)/.installed
-	$(MAKE) test-base BASE_TESTS="not vllm"
-	$(MAKE) test-vllm
+	$(MAKE) test-base test-vllm test-vllm-flow
 
-# The base environment's tests; without .venv-vllm, all but the vLLM flow.
-BASE_TESTS ?= not vllm and not vllm_flow
 test-base: install browser
 	# The slowest tests and their set-up times close the log: the CI-time targets are tracked there.
-	$(VENV)/bin/python -m pytest -m "$(BASE_TESTS)" --durations=25
+	$(VENV)/bin/python -m pytest -m "not vllm and not vllm_flow" --durations=25
 
 demo: install
 	$(VENV)/bin/metareward run configs/demo.yaml
