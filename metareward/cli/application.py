@@ -39,8 +39,8 @@ def print_error(message: str) -> None:
 
 
 def print_warning(message: str) -> None:
-    """Advice the user should act on, in yellow, printed as `print_error` prints (a model path in
-    it may hold [brackets])."""
+    """Advice the user should act on, in yellow, printed as `print_error` prints (a path or a
+    quoted prompt in it may hold [brackets])."""
     console.print(message, style="yellow", markup=False, soft_wrap=True)
 
 
@@ -142,7 +142,7 @@ def _load(config_path: Path, inputs: bool = False, evaluation: bool | None = Non
         print_error(str(error))
         raise typer.Exit(2) from None
     for note in notes:
-        console.print(note, style="yellow", markup=False, soft_wrap=True)
+        print_warning(note)
     return config
 
 
