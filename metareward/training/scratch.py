@@ -32,9 +32,11 @@ def scratch_folder(root: str | None = None) -> Iterator[Path]:
     uses it and removed after; abandoned folders of killed trainings are removed first."""
     remove_abandoned(root)
     path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
-    lock = open(path / OWNER_LOCK, "w")
+    lock = open(path / f"{OWNER_LOCK}.new", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # only now under the name a sweeper opens: it never finds the file before it is locked
+        os.rename(lock.name, path / OWNER_LOCK)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
