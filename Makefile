@@ -79,7 +79,7 @@ test-vllm: $(VLLM_VENV)/.installed
 
 # The GPU user's path on the CPU: one iteration in the base environment whose engine runs on .venv-vllm.
 test-vllm-flow: install $(VLLM_VENV)/.installed
-	$(VENV)/bin/python -m pytest -m vllm_flow --durations=5
+	$(VENV)/bin/python -m pytest -m vllm_flow --durations=5 tests/test_vllm_flow.py
 
 # The vLLM environment for a CUDA machine: vllm 0.33 (pins torch 2.14.0, transformers <5.21) and this
 # project without its dependencies (see pyproject.toml for why). Point `engine.python` at .venv-gpu/bin/python.
