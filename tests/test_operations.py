@@ -143,8 +143,9 @@ def ops(prefect_server, rclone_s3, seed_ref, seed_dir, tmp_path_factory):
     with open(log_path, "wb") as log:
         serve = subprocess.Popen(
             [sys.executable, "deployments/serve.py", "--config", str(config_path), "--timezone", TIMEZONE],
-            cwd=REPO, env=prefect_server.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_sigint_as_in_a_terminal,
+            # A triggered run starts within a second, not Prefect's default 10 s poll: six runs are triggered here.
+            cwd=REPO, env=prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal,
         )
     with prefect_server.settings(), get_client(sync_client=True) as client:
         try:
