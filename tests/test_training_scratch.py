@@ -9,20 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metareward.training.scratch import PREFIX, remove_abandoned, scratch_folder
+from metareward.training.scratch import PREFIX, remove_abandoned, scratch_folder, scratch_path
 
 _HOLD_A_SCRATCH_FOLDER = """
 import sys, time
 from metareward.training.scratch import scratch_folder
-with scratch_folder(sys.argv[1]) as path:
+with scratch_folder(sys.argv[1], name=sys.argv[2] or None) as path:
     (path / "optimizer.pt").write_bytes(b"0" * 1000)
     print(path, flush=True)
     time.sleep(600)
 """
 
 
-def _holder(root: Path) -> tuple[subprocess.Popen, Path]:
-    child = subprocess.Popen([sys.executable, "-c", _HOLD_A_SCRATCH_FOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+def _holder(root: Path, name: str = "") -> tuple[subprocess.Popen, Path]:
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_A_SCRATCH_FOLDER, str(root), name], stdout=subprocess.PIPE, text=True)
     return child, Path(child.stdout.readline().strip())
 
 
@@ -48,3 +48,17 @@ def test_a_killed_trainings_folder_goes_and_a_running_ones_stays(tmp_path, caplo
         running.kill()
         running.wait()
     assert remove_abandoned(str(tmp_path)) == [running_folder]
+
+
+def test_a_named_folder_is_where_the_other_workers_look_and_goes_once_its_holder_is_killed(tmp_path):
+    """The Ray Train workers of one node share the folder named by the run's token."""
+    holder, folder = _holder(tmp_path, name="0123abcd")
+    try:
+        assert folder == scratch_path("0123abcd", str(tmp_path)) and folder.stat().st_mode & 0o777 == 0o700
+        assert remove_abandoned(str(tmp_path)) == []  # its holder lives
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        assert remove_abandoned(str(tmp_path)) == [folder] and not folder.exists()
+    finally:
+        holder.kill()
+        holder.wait()

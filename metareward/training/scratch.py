@@ -26,12 +26,23 @@ PREFIX = "metareward-train-"
 OWNER_LOCK = ".owner.lock"
 
 
+def scratch_path(name: str, root: str | None = None) -> Path:
+    """Where `scratch_folder(root, name)` puts its folder."""
+    return Path(root or tempfile.gettempdir()) / f"{PREFIX}{name}"
+
+
 @contextmanager
-def scratch_folder(root: str | None = None) -> Iterator[Path]:
+def scratch_folder(root: str | None = None, name: str | None = None) -> Iterator[Path]:
     """A new scratch folder under `root` (default: the temporary folder), locked while this process
-    uses it and removed after; abandoned folders of killed trainings are removed first."""
+    uses it and removed after; abandoned folders of killed trainings are removed first. `name`: a
+    fixed name (`scratch_path`), for processes that find the folder without being told (the Ray
+    Train workers of one node); default: a unique one."""
     remove_abandoned(root)
-    path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
+    if name is None:
+        path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
+    else:
+        path = scratch_path(name, root)
+        path.mkdir(mode=0o700)
     lock = open(path / f"{OWNER_LOCK}.new", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -13,10 +13,8 @@ ends the workers with the driver that owns them.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 from metareward.processes import die_with_parent
@@ -50,17 +48,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from metareward.checkpoints import materialize
     from metareward.training.config import resolve_precision
     from metareward.training.job import TrainJob, local_job, run_job, save_outputs
+    from metareward.training.scratch import scratch_folder, scratch_path
 
     spec = loop_config["spec"]
     context = ray.train.get_context()
     node_main = context.get_local_rank() == 0
-    # One path for every worker of a node, from the driver's token.
-    scratch_dir = Path(tempfile.gettempdir()) / f"metareward-train-{spec.token}"
-    job_path = scratch_dir / "job.json"
-    try:
-        resolve_precision(spec.precision)  # bf16 on a GPU without it fails here, naming the setting
+    resolve_precision(spec.precision)  # bf16 on a GPU without it fails here, naming the setting
+    # One folder for every worker of a node, named by the driver's token and held (locked) by the
+    # node's first worker: Ray Train groups the ranks by node, so rank 0 is that worker and the
+    # files last as long as it does; a killed node's folder is swept by the next training there.
+    folder = scratch_folder(name=spec.token) if node_main else nullcontext(scratch_path(spec.token))
+    with folder as scratch_dir:
+        job_path = scratch_dir / "job.json"
         if node_main:
-            scratch_dir.mkdir()
             job = local_job(
                 spec.config, spec.precision, materialize(spec.base, spec.fs), spec.examples, scratch_dir,
                 spec.state_uri, spec.resume_uri, spec.fs,
@@ -71,10 +71,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_job(job, fs=spec.fs)
         if context.get_world_rank() == 0:
             spec.results.put(save_outputs(job, spec.source, spec.output_uri, spec.adapter_uri, spec.fs))
-    finally:
-        # Ray Train groups the ranks by node, so rank 0 is its node's first worker: its files last as long as it does.
-        if node_main:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
